@@ -1,0 +1,299 @@
+//! rusqlite state in `STATE/catalog.db`: the WAL segment list, key/value
+//! settings (clean-shutdown flag, format version, volume id, positions) and
+//! the paths that need a resync.
+//!
+//! The segment files are the truth for recovery; the catalog is kept in step
+//! with them (see `wal::recovery`). Other processes (status, tools, the
+//! shipper) may open it at the same time: WAL journal mode and a busy timeout.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::wal::Lsn;
+
+/// File name of the catalog inside the state dir.
+pub const CATALOG_FILE: &str = "catalog.db";
+/// Key of the flag set by a clean `Wal::close` and cleared by `Wal::open`.
+pub const KEY_CLEAN_SHUTDOWN: &str = "clean_shutdown";
+/// Key holding the WAL segment format version last written.
+pub const KEY_FORMAT_VERSION: &str = "wal_format_version";
+/// Key holding a random id naming this volume (shared with its mirror).
+pub const KEY_VOLUME_ID: &str = "volume_id";
+const SCHEMA_VERSION: &str = "1";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS segments (
+    first_lsn  INTEGER PRIMARY KEY,
+    file_name  TEXT    NOT NULL,
+    created_ns INTEGER NOT NULL,
+    last_lsn   INTEGER,
+    bytes      INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS kv (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS resync (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    path    BLOB    NOT NULL,
+    reason  TEXT    NOT NULL,
+    lsn     INTEGER NOT NULL,
+    time_ns INTEGER NOT NULL
+);
+";
+
+/// A catalog error, naming the database file.
+#[derive(Debug, thiserror::Error)]
+#[error("catalog {}: {err}", path.display())]
+pub struct CatalogError {
+    pub path: PathBuf,
+    pub err: rusqlite::Error,
+}
+
+/// One WAL segment as the catalog knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentRow {
+    pub first_lsn: Lsn,
+    pub file_name: String,
+    pub created_ns: i64,
+    /// Last LSN in the segment once it is closed (`None` while current).
+    pub last_lsn: Option<Lsn>,
+    /// Bytes used (header and records) when last recorded.
+    pub bytes: u64,
+}
+
+/// A path recorded as needing a resync from the source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResyncRow {
+    pub id: i64,
+    pub path: Vec<u8>,
+    pub reason: String,
+    /// Head LSN when it was recorded (the resync covers changes after it).
+    pub lsn: Lsn,
+    pub time_ns: i64,
+}
+
+/// An open catalog. Not `Sync`: wrap it in a mutex to share it.
+pub struct Catalog {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn to_sql(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Catalog {
+    /// Opens (creating if needed) `STATE/catalog.db`.
+    pub fn open(state_dir: &Path) -> Result<Catalog, CatalogError> {
+        let path = state_dir.join(CATALOG_FILE);
+        let wrap = |err| CatalogError {
+            path: path.clone(),
+            err,
+        };
+        let conn = Connection::open(&path).map_err(wrap)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(wrap)?;
+        // FULL: the clean-shutdown flag must not be lost in a crash after open.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(wrap)?;
+        conn.execute_batch(SCHEMA).map_err(wrap)?;
+        let cat = Catalog { conn, path };
+        if cat.get("schema_version")?.is_none() {
+            cat.set("schema_version", SCHEMA_VERSION)?;
+        }
+        Ok(cat)
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, err: rusqlite::Error) -> CatalogError {
+        CatalogError {
+            path: self.path.clone(),
+            err,
+        }
+    }
+
+    /// All segments, oldest first.
+    pub fn segments(&self) -> Result<Vec<SegmentRow>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT first_lsn, file_name, created_ns, last_lsn, bytes FROM segments ORDER BY first_lsn")
+            .map_err(|e| self.err(e))?;
+        let rows = st.query_map([], |r| {
+            Ok(SegmentRow {
+                first_lsn: r.get::<_, i64>(0)? as u64,
+                file_name: r.get(1)?,
+                created_ns: r.get(2)?,
+                last_lsn: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                bytes: r.get::<_, i64>(4)? as u64,
+            })
+        });
+        rows.and_then(Iterator::collect).map_err(|e| self.err(e))
+    }
+
+    /// Inserts or replaces the row of `seg.first_lsn`.
+    pub fn put_segment(&self, seg: &SegmentRow) -> Result<(), CatalogError> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO segments (first_lsn, file_name, created_ns, last_lsn, bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    to_sql(seg.first_lsn),
+                    seg.file_name,
+                    seg.created_ns,
+                    seg.last_lsn.map(to_sql),
+                    to_sql(seg.bytes)
+                ])
+            })
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Forgets a segment (it was retired or never became durable).
+    pub fn remove_segment(&self, first_lsn: Lsn) -> Result<(), CatalogError> {
+        self.conn
+            .execute(
+                "DELETE FROM segments WHERE first_lsn = ?1",
+                [to_sql(first_lsn)],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// A value of the key/value table.
+    pub fn get(&self, key: &str) -> Result<Option<String>, CatalogError> {
+        self.conn
+            .query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn set(&self, key: &str, value: &str) -> Result<(), CatalogError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO kv (key, value) VALUES (?1, ?2)",
+                [key, value],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// `Some(true)` after a clean close, `Some(false)` while open or after a
+    /// crash, `None` for a new state dir.
+    pub fn clean_shutdown(&self) -> Result<Option<bool>, CatalogError> {
+        Ok(self.get(KEY_CLEAN_SHUTDOWN)?.map(|v| v == "1"))
+    }
+
+    pub fn set_clean_shutdown(&self, clean: bool) -> Result<(), CatalogError> {
+        self.set(KEY_CLEAN_SHUTDOWN, if clean { "1" } else { "0" })
+    }
+
+    /// The volume id, created (random, 16 hex digits) on first use.
+    pub fn volume_id(&self) -> Result<String, CatalogError> {
+        if let Some(id) = self.get(KEY_VOLUME_ID)? {
+            return Ok(id);
+        }
+        let id = format!("{:016x}", crate::wal::segment::new_salt());
+        self.set(KEY_VOLUME_ID, &id)?;
+        Ok(id)
+    }
+
+    /// Records that `path` (empty = the whole tree) needs a resync.
+    pub fn add_resync(&self, path: &[u8], reason: &str, lsn: Lsn) -> Result<(), CatalogError> {
+        let now = crate::wal::segment::now_ns();
+        self.conn
+            .execute(
+                "INSERT INTO resync (path, reason, lsn, time_ns) VALUES (?1, ?2, ?3, ?4)",
+                params![path, reason, to_sql(lsn), now],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Paths waiting for a resync, oldest first.
+    pub fn resync_list(&self) -> Result<Vec<ResyncRow>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT id, path, reason, lsn, time_ns FROM resync ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = st.query_map([], |r| {
+            Ok(ResyncRow {
+                id: r.get(0)?,
+                path: r.get(1)?,
+                reason: r.get(2)?,
+                lsn: r.get::<_, i64>(3)? as u64,
+                time_ns: r.get(4)?,
+            })
+        });
+        rows.and_then(Iterator::collect).map_err(|e| self.err(e))
+    }
+
+    /// Drops resync entries up to and including `id` (after they were served).
+    pub fn clear_resync(&self, up_to_id: i64) -> Result<(), CatalogError> {
+        self.conn
+            .execute("DELETE FROM resync WHERE id <= ?1", [up_to_id])
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(first: Lsn, last: Option<Lsn>) -> SegmentRow {
+        SegmentRow {
+            first_lsn: first,
+            file_name: crate::wal::segment::segment_file_name(first),
+            created_ns: 5,
+            last_lsn: last,
+            bytes: 100,
+        }
+    }
+
+    #[test]
+    fn segments_kv_and_resync_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Catalog::open(dir.path()).unwrap();
+            assert_eq!(c.clean_shutdown().unwrap(), None);
+            c.put_segment(&row(1, Some(9))).unwrap();
+            c.put_segment(&row(10, None)).unwrap();
+            c.put_segment(&row(10, Some(12))).unwrap();
+            c.set_clean_shutdown(true).unwrap();
+            c.add_resync(b"a/b", "WAL full", 12).unwrap();
+            let id = c.volume_id().unwrap();
+            assert_eq!(id, c.volume_id().unwrap());
+        }
+        let c = Catalog::open(dir.path()).unwrap();
+        assert_eq!(
+            c.segments().unwrap(),
+            vec![row(1, Some(9)), row(10, Some(12))]
+        );
+        assert_eq!(c.clean_shutdown().unwrap(), Some(true));
+        let r = c.resync_list().unwrap();
+        assert_eq!((r[0].path.as_slice(), r[0].lsn), (&b"a/b"[..], 12));
+        c.clear_resync(r[0].id).unwrap();
+        assert!(c.resync_list().unwrap().is_empty());
+        c.remove_segment(1).unwrap();
+        assert_eq!(c.segments().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn two_connections_can_share_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Catalog::open(dir.path()).unwrap();
+        let b = Catalog::open(dir.path()).unwrap();
+        a.set("acked_lsn", "7").unwrap();
+        assert_eq!(b.get("acked_lsn").unwrap().as_deref(), Some("7"));
+    }
+}

@@ -1,0 +1,221 @@
+//! TOML configuration: one serde struct per section, defaults, validation with clear errors.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// When the WAL is made durable (fdatasync) on its own, besides an explicit
+/// `fsync` through the mount, which always makes the file's changes durable.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Every change is durable in the WAL before the operation returns
+    /// (group commit: concurrent writers share one fdatasync).
+    Always,
+    /// The WAL is synced every `sync_interval` (default 10ms) and on fsync.
+    #[default]
+    Batch,
+    /// Leave write-back to the kernel; only fsync through the mount syncs.
+    Os,
+}
+
+/// What happens to a change when the WAL cannot take its record.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnWalFull {
+    /// Refuse the change with ENOSPC before it touches the backing directory.
+    #[default]
+    Fail,
+    /// Let the change through and record its path as needing resync.
+    Resync,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalConfig {
+    pub durability: Durability,
+    /// Interval of the background group commit in `batch` mode.
+    #[serde(with = "humantime_serde_compat")]
+    pub sync_interval: Duration,
+    /// Size of one preallocated segment file, e.g. "64MiB".
+    #[serde(deserialize_with = "de_size")]
+    pub segment_size: u64,
+    /// Records whose payload is at least this big are lz4-compressed when it pays.
+    #[serde(deserialize_with = "de_size")]
+    pub compress_min: u64,
+    pub on_wal_full: OnWalFull,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            durability: Durability::Batch,
+            sync_interval: Duration::from_millis(10),
+            segment_size: 64 << 20,
+            compress_min: 512,
+            on_wal_full: OnWalFull::Fail,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MountConfig {
+    /// Number of FUSE worker threads.
+    pub threads: usize,
+    /// Kernel attribute/entry cache timeout. Every change passes through the
+    /// mount, so long timeouts are safe unless BACKING is changed behind it.
+    #[serde(with = "humantime_serde_compat")]
+    pub attr_timeout: Duration,
+    /// Pass `allow_other` (requires root or user_allow_other in /etc/fuse.conf).
+    pub allow_other: bool,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig {
+            threads: 4,
+            attr_timeout: Duration::from_secs(60),
+            allow_other: true,
+        }
+    }
+}
+
+/// The whole config file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub wal: WalConfig,
+    pub mount: MountConfig,
+}
+
+impl Config {
+    /// Reads and validates a config file; errors name the file and line.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.wal.segment_size < (4 << 20) {
+            bail!("wal.segment_size must be at least 4MiB (records can be over 1MiB)");
+        }
+        if self.wal.segment_size > (1 << 32) {
+            bail!("wal.segment_size must be at most 4GiB");
+        }
+        if self.mount.threads == 0 || self.mount.threads > 64 {
+            bail!("mount.threads must be between 1 and 64");
+        }
+        if self.wal.sync_interval.is_zero() {
+            bail!("wal.sync_interval must be greater than zero");
+        }
+        Ok(())
+    }
+}
+
+/// Parses sizes like `4096`, `64KiB`, `10MiB`, `1GiB`, `10MB`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num
+        .parse()
+        .with_context(|| format!("bad size {s:?}: expected a number and a unit like 10MiB"))?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KiB" => 1024.0,
+        "M" | "MiB" => 1024.0 * 1024.0,
+        "G" | "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "T" | "TiB" => 1024.0f64.powi(4),
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        u => bail!("bad size {s:?}: unknown unit {u:?} (use B, KiB, MiB, GiB, TiB, kB, MB, GB)"),
+    };
+    let v = num * mult;
+    if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+        bail!("bad size {s:?}: out of range");
+    }
+    Ok(v as u64)
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum SizeRepr {
+        Num(u64),
+        Text(String),
+    }
+    match SizeRepr::deserialize(d)? {
+        SizeRepr::Num(n) => Ok(n),
+        SizeRepr::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Durations as humantime strings ("10ms", "30s", "15m").
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::Deserialize;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("bad duration {s:?}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("10MiB").unwrap(), 10 << 20);
+        assert_eq!(parse_size("1MB").unwrap(), 1_000_000);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        let c = Config::parse(
+            "[wal]\ndurability = \"always\"\nsegment_size = \"16MiB\"\nsync_interval = \"5ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.wal.durability, Durability::Always);
+        assert_eq!(c.wal.segment_size, 16 << 20);
+        assert_eq!(c.wal.sync_interval, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_line() {
+        let err = Config::parse("[wal]\ndurability = \"batch\"\nbogus = 1\n").unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("bogus"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(Config::parse("[wal]\ndurability = \"sometimes\"\n").is_err());
+        assert!(Config::parse("[wal]\nsegment_size = \"1KiB\"\n").is_err());
+        assert!(Config::parse("[mount]\nthreads = 0\n").is_err());
+    }
+}

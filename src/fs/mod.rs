@@ -1,0 +1,191 @@
+//! The replicating FUSE mount: a passthrough over BACKING that logs every change.
+//!
+//! `ops` is the core (testable without a kernel mount), `fuse` the thin fuser
+//! adapter, `inodes` the inode table, `sys` the syscall wrappers.
+
+pub mod error;
+pub mod fuse;
+pub mod inflight;
+pub mod inodes;
+pub mod ops;
+pub mod sys;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use log::{info, warn};
+
+use crate::config::Config;
+use crate::wal::Wal;
+
+/// What `replfs mount` needs to run.
+pub struct MountArgs {
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    pub state: PathBuf,
+    pub config: Config,
+}
+
+/// Refuses a state dir inside BACKING (its WAL would log itself) and the reverse.
+pub fn check_layout(backing: &Path, mountpoint: &Path, state: &Path) -> Result<()> {
+    let b = backing
+        .canonicalize()
+        .with_context(|| format!("backing directory {} not found", backing.display()))?;
+    if !b.is_dir() {
+        bail!("backing path {} is not a directory", b.display());
+    }
+    std::fs::create_dir_all(state)
+        .with_context(|| format!("cannot create state dir {}", state.display()))?;
+    let s = state.canonicalize()?;
+    if s.starts_with(&b) {
+        bail!(
+            "state dir {} must not lie inside the backing directory {}",
+            s.display(),
+            b.display()
+        );
+    }
+    if b.starts_with(&s) {
+        bail!(
+            "backing directory {} must not lie inside the state dir {}",
+            b.display(),
+            s.display()
+        );
+    }
+    let m = mountpoint
+        .canonicalize()
+        .with_context(|| format!("mount point {} not found", mountpoint.display()))?;
+    if (m != b && m.starts_with(&b)) || s.starts_with(&m) {
+        bail!(
+            "mount point {} must not lie inside the backing directory or contain the state dir",
+            m.display()
+        );
+    }
+    Ok(())
+}
+
+/// Opens the WAL, mounts, serves until unmounted (fusermount3 -u, SIGTERM,
+/// SIGINT), then flushes the WAL. `on_mounted` runs once the mount is live.
+pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
+    check_layout(&args.backing, &args.mountpoint, &args.state)?;
+    let sigs = block_signals()?;
+    let (wal, report) = Wal::open(&args.state, &args.config.wal)
+        .with_context(|| format!("cannot open the WAL in {}", args.state.display()))?;
+    info!(
+        "WAL recovered: head LSN {}, {} segment(s){}",
+        report.head_lsn,
+        report.segments,
+        if report.unclean_shutdown {
+            ", previous run did not shut down cleanly"
+        } else {
+            ""
+        }
+    );
+    if let Some((seg, off, cut)) = &report.truncated_tail {
+        warn!(
+            "cut a torn tail of {cut} bytes at offset {off} of {}",
+            seg.display()
+        );
+    }
+    let (inflight, left) = inflight::Inflight::open(&args.state)?;
+    mark_left_over(&wal, left)?;
+    let core = Arc::new(ops::Core::new(&args.backing, wal, inflight, &args.config)?);
+    let fs = fuse::ReplFs::new(core.clone(), args.config.mount.attr_timeout);
+    let mut session = fuser::Session::new(fs, &args.mountpoint, &session_config(&args))
+        .with_context(|| format!("cannot mount on {}", args.mountpoint.display()))?;
+    info!(
+        "mounted {} on {}",
+        args.backing.display(),
+        args.mountpoint.display()
+    );
+    let unmounter = session.unmount_callable();
+    spawn_signal_thread(sigs, unmounter, args.mountpoint.clone());
+    on_mounted();
+    let r = session.run();
+    // destroy() closes the WAL; close again in case the session ended without it.
+    core.shutdown();
+    r.context("FUSE session failed")?;
+    info!(
+        "unmounted {}; WAL flushed at LSN {}",
+        args.mountpoint.display(),
+        core.wal.head_lsn()
+    );
+    Ok(())
+}
+
+/// Changes that were in flight when a previous run died may be in BACKING
+/// but not in the log: log their paths as needing resync, durably, before
+/// anything else happens.
+fn mark_left_over(wal: &Wal, paths: Vec<Vec<u8>>) -> Result<()> {
+    for path in paths {
+        warn!(
+            "a change to {:?} was in flight when the previous run stopped; logging it as needing resync",
+            String::from_utf8_lossy(&path)
+        );
+        let op = crate::wal::Op::Resync {
+            path,
+            reason: "change in flight when the mount process died".into(),
+        };
+        let lsn = wal.append(&op)?;
+        wal.sync(lsn)?;
+    }
+    Ok(())
+}
+
+fn session_config(args: &MountArgs) -> fuser::Config {
+    use fuser::MountOption as M;
+    let mut c = fuser::Config::default();
+    c.mount_options = vec![
+        M::FSName(format!("replfs:{}", args.backing.display())),
+        M::Subtype("replfs".into()),
+        M::DefaultPermissions,
+    ];
+    if args.config.mount.allow_other {
+        c.acl = fuser::SessionACL::All;
+    }
+    c.n_threads = Some(args.config.mount.threads);
+    c.clone_fd = true;
+    c
+}
+
+fn block_signals() -> Result<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+    Ok(set)
+}
+
+/// SIGTERM / SIGINT unmount cleanly (the session then ends and the WAL is
+/// flushed); SIGHUP is reserved for config reload.
+fn spawn_signal_thread(
+    set: nix::sys::signal::SigSet,
+    mut unmounter: fuser::SessionUnmounter,
+    mnt: PathBuf,
+) {
+    use nix::sys::signal::Signal;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            loop {
+                match set.wait() {
+                    Ok(Signal::SIGHUP) => info!("SIGHUP: nothing to reload yet"),
+                    Ok(sig) => {
+                        info!("{sig}: unmounting {}", mnt.display());
+                        if let Err(e) = unmounter.unmount() {
+                            warn!("unmount of {} failed: {e}", mnt.display());
+                            continue;
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        warn!("sigwait failed: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("spawning the signal thread");
+}

@@ -1,0 +1,9 @@
+//! replfs: a FUSE filesystem that logs every change to a write-ahead log and
+//! ships it to a disaster-recovery mirror.
+
+pub mod apply;
+pub mod catalog;
+pub mod config;
+pub mod fs;
+pub mod tools;
+pub mod wal;

@@ -1,0 +1,218 @@
+//! The `replfs` command line: parse, dispatch, exit codes (0 ok, 1 a check
+//! failed, 2 error).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use replfs::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "replfs",
+    version,
+    about = "Asynchronous-replication FUSE filesystem for disaster recovery"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve BACKING at MOUNTPOINT, logging every change to the WAL in --state.
+    Mount(MountCmd),
+    /// Inspect the write-ahead log.
+    #[command(subcommand)]
+    Log(LogCmd),
+}
+
+#[derive(Args)]
+struct MountCmd {
+    /// The directory whose content is served and replicated.
+    backing: PathBuf,
+    /// Where to mount it (may be BACKING itself, to interpose on it in place).
+    mountpoint: PathBuf,
+    /// State directory: WAL segments, catalog, lock (must not lie inside BACKING).
+    #[arg(long)]
+    state: PathBuf,
+    /// TOML config file (see packaging/replfs.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Stay in the foreground (systemd, tests); by default replfs daemonizes
+    /// once the mount is live and logs to STATE/replfs.log.
+    #[arg(short, long)]
+    foreground: bool,
+}
+
+#[derive(Subcommand)]
+enum LogCmd {
+    /// List records: a table, or one JSON object per line with --json.
+    Dump {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long)]
+        to: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a directory from the log, up to an LSN or a time.
+    Replay {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        into: PathBuf,
+        #[arg(long, conflicts_with = "until_time")]
+        until: Option<u64>,
+        /// RFC 3339 time, e.g. 2026-11-22T10:00:00Z.
+        #[arg(long)]
+        until_time: Option<String>,
+        /// Replay into a non-empty directory.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("replfs: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Mount(m) => mount(m),
+        Cmd::Log(LogCmd::Dump {
+            state,
+            from,
+            to,
+            json,
+        }) => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            replfs::tools::dump(&state, from, to, json, &mut out)?;
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Log(LogCmd::Replay {
+            state,
+            into,
+            until,
+            until_time,
+            force,
+        }) => {
+            let until = match (until, until_time) {
+                (Some(l), _) => replfs::tools::Until::Lsn(l),
+                (None, Some(t)) => replfs::tools::Until::Time(replfs::tools::parse_time(&t)?),
+                (None, None) => replfs::tools::Until::End,
+            };
+            let r = replfs::tools::replay(&state, &into, until, force)?;
+            println!("{r}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn mount(m: MountCmd) -> Result<ExitCode> {
+    let config = match &m.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    replfs::fs::check_layout(&m.backing, &m.mountpoint, &m.state)?;
+    if !m.foreground {
+        return daemon::spawn(&m.state);
+    }
+    let ready = daemon::ready_fd();
+    let args = replfs::fs::MountArgs {
+        backing: m.backing,
+        mountpoint: m.mountpoint,
+        state: m.state,
+        config,
+    };
+    replfs::fs::serve(args, move || daemon::signal_ready(ready)).context("mount failed")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Daemonizing: the parent re-executes itself in the foreground in a new
+/// session, and returns once the child says the mount is live.
+mod daemon {
+    use std::fs::OpenOptions;
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    use std::path::Path;
+    use std::process::{Command, ExitCode, Stdio};
+
+    use anyhow::{Context, Result, bail};
+
+    const READY_ENV: &str = "REPLFS_READY_FD";
+
+    pub fn spawn(state: &Path) -> Result<ExitCode> {
+        let log_path = state.join("replfs.log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open log file {}", log_path.display()))?;
+        let (rd, wr) = nix::unistd::pipe()?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(std::env::args_os().skip(1)).arg("--foreground");
+        cmd.env(READY_ENV, wr.as_raw_fd().to_string());
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let wr_raw = wr.as_raw_fd();
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                // Keep the ready pipe open across exec.
+                let flags = libc::fcntl(wr_raw, libc::F_GETFD);
+                libc::fcntl(wr_raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("cannot start the mount daemon")?;
+        drop(wr);
+        let mut buf = [0u8; 1];
+        let mut rd = std::fs::File::from(rd);
+        match rd.read(&mut buf) {
+            Ok(1) => {
+                println!(
+                    "replfs: mounted (daemon pid {}; log {})",
+                    child.id(),
+                    log_path.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            _ => bail!(
+                "the mount daemon exited before mounting; see {}",
+                log_path.display()
+            ),
+        }
+    }
+
+    pub fn ready_fd() -> Option<OwnedFd> {
+        let fd: i32 = std::env::var(READY_ENV).ok()?.parse().ok()?;
+        unsafe { std::env::remove_var(READY_ENV) };
+        // The fd was handed to us by our parent through the environment.
+        (unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0)
+            .then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    pub fn signal_ready(fd: Option<OwnedFd>) {
+        if let Some(fd) = fd {
+            let mut f = std::fs::File::from(fd);
+            let _ = std::io::Write::write_all(&mut f, b"1");
+        }
+    }
+}

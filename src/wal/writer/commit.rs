@@ -1,0 +1,265 @@
+//! The group-commit thread: fdatasync on demand or every `sync_interval`,
+//! spare-segment preparation off the hot path, catalog bookkeeping, and
+//! retirement of shipped segments.
+
+use super::*;
+
+/// How long the commit thread sleeps when nothing is due.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
+impl Shared {
+    /// Body of the `wal-commit` thread.
+    pub(super) fn run(self: Arc<Self>) {
+        let mut last_sync = Instant::now();
+        loop {
+            let (want_sync, stop) = self.wait_for_work(last_sync);
+            if stop {
+                break;
+            }
+            if want_sync {
+                // A failure is recorded in the shared state and reported to waiters.
+                let _ = self.sync_now();
+                last_sync = Instant::now();
+            }
+        }
+    }
+
+    /// Body of the `wal-spare` thread: kept apart from the commit thread so
+    /// a slow fdatasync never delays the next spare (nor the reverse).
+    pub(super) fn run_spare(self: Arc<Self>) {
+        let mut last_try: Option<Instant> = None;
+        loop {
+            {
+                let mut st = self.spare_state.lock();
+                if !st.kicked && !st.stop {
+                    self.spare_wake.wait_for(&mut st, SPARE_RETRY);
+                }
+                if st.stop {
+                    break;
+                }
+                st.kicked = false;
+            }
+            self.maintain(&mut last_try);
+        }
+    }
+
+    /// Sleeps until a periodic sync is due. In `batch` mode the thread
+    /// ticks every `sync_interval` while records come in (and for ten
+    /// intervals after the last sync), then sleeps long until an append kicks it.
+    fn wait_for_work(&self, last_sync: Instant) -> (bool, bool) {
+        let batch = self.cfg.durability == Durability::Batch;
+        let mut st = self.sync.lock();
+        loop {
+            if st.stop {
+                return (false, true);
+            }
+            st.kicked = false;
+            let ticking = batch && last_sync.elapsed() < 10 * self.cfg.sync_interval;
+            if batch && !ticking {
+                // Announce the long sleep before looking at the head: an append
+                // that lands after the look sees the flag and kicks (`note_append`).
+                self.sleeping.store(true, SeqCst);
+            }
+            let pending = self.head.load(SeqCst) > self.durable.load(Acquire);
+            let tick = batch && (pending || ticking);
+            if tick {
+                self.sleeping.store(false, SeqCst);
+            }
+            let timeout = if tick {
+                self.cfg.sync_interval
+            } else {
+                IDLE_WAIT
+            };
+            let timed_out = self.wake.wait_for(&mut st, timeout).timed_out();
+            self.sleeping.store(false, SeqCst);
+            if timed_out && batch && self.head.load(Acquire) > self.durable.load(Acquire) {
+                return (true, false);
+            }
+        }
+    }
+
+    /// Called by `append` after publishing a new head: wakes an idle thread
+    /// in `batch` mode so the first record after a quiet spell is synced on time.
+    pub(super) fn note_append(&self) {
+        if self.sleeping.load(SeqCst) && self.sleeping.swap(false, SeqCst) {
+            let mut st = self.sync.lock();
+            st.kicked = true;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Makes every record appended so far durable.
+    pub(super) fn sync_now(&self) -> Result<(), WalError> {
+        let io = self.sync_io.lock();
+        let r = self.sync_locked();
+        drop(io);
+        self.notify_synced();
+        r
+    }
+
+    /// With `sync_io` held: fdatasync the segments rolled away from first,
+    /// then the directory (renames), then the current segment; only then
+    /// does `durable_lsn` move.
+    fn sync_locked(&self) -> Result<(), WalError> {
+        self.usable_ignoring_close()?;
+        let (unsynced, cur, head, dir_dirty) = {
+            let mut log = self.log.lock();
+            let taken = std::mem::take(&mut log.unsynced);
+            (
+                taken,
+                log.seg.clone(),
+                log.next_lsn - 1,
+                std::mem::take(&mut log.dir_dirty),
+            )
+        };
+        if let Err(e) = self.sync_files(&unsynced, &cur, dir_dirty, head) {
+            self.fail(&e);
+            return Err(e);
+        }
+        self.durable.fetch_max(head, AcqRel);
+        Ok(())
+    }
+
+    fn notify_synced(&self) {
+        let _g = self.sync.lock();
+        self.synced.notify_all();
+    }
+
+    fn sync_files(
+        &self,
+        unsynced: &[Arc<Active>],
+        cur: &Active,
+        dir_dirty: bool,
+        head: Lsn,
+    ) -> Result<(), WalError> {
+        for seg in unsynced {
+            seg.file
+                .sync_data()
+                .map_err(io_err("fdatasync", &seg.path))?;
+            self.fsyncs.fetch_add(1, Relaxed);
+        }
+        if dir_dirty {
+            segment::fsync_dir(&self.dir)?;
+        }
+        if head > self.durable.load(Acquire) {
+            cur.file
+                .sync_data()
+                .map_err(io_err("fdatasync", &cur.path))?;
+            self.fsyncs.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Waits until `lsn` (capped at the head) is durable. Group commit with a
+    /// leader: the first waiter to find no sync in progress runs it in its own
+    /// thread (no hand-off latency); waiters arriving meanwhile are served by
+    /// the next one, so one fdatasync covers everything appended before it.
+    pub(super) fn wait_durable(&self, lsn: Lsn) -> Result<(), WalError> {
+        let lsn = lsn.min(self.head.load(Acquire));
+        loop {
+            if self.durable.load(Acquire) >= lsn {
+                return Ok(());
+            }
+            self.usable_ignoring_close()?;
+            if let Some(io) = self.sync_io.try_lock() {
+                let r = self.sync_locked();
+                drop(io);
+                self.notify_synced();
+                r?;
+                continue;
+            }
+            let mut st = self.sync.lock();
+            // The running sync notifies under `sync` after releasing `sync_io`,
+            // so checking here, with `sync` held, cannot miss its wake-up.
+            if self.durable.load(Acquire) < lsn
+                && self.sync_io.is_locked()
+                && self.failed.load(Acquire) == 0
+            {
+                self.synced.wait(&mut st);
+            }
+        }
+    }
+
+    /// Writes queued catalog rows and keeps a spare segment ready (retrying
+    /// at most once per second while the disk is full).
+    fn maintain(&self, last_try: &mut Option<Instant>) {
+        self.flush_rows();
+        let due = !self.full.load(Acquire) || last_try.is_none_or(|t| t.elapsed() >= SPARE_RETRY);
+        if !due {
+            return;
+        }
+        let mut slot = self.spare.lock();
+        if slot.is_some() {
+            return;
+        }
+        *last_try = Some(Instant::now());
+        match self.make_spare() {
+            Ok(f) => {
+                *slot = Some(f);
+                drop(slot);
+                if let Err(e) = segment::fsync_dir(&self.dir) {
+                    log::warn!("{e}");
+                }
+                if self.full.swap(false, AcqRel) {
+                    log::info!("the WAL has space for its next segment again");
+                }
+            }
+            Err(e) => self.note_full(&e),
+        }
+    }
+
+    fn flush_rows(&self) {
+        let rows = std::mem::take(&mut self.log.lock().rows);
+        if rows.is_empty() {
+            return;
+        }
+        let cat = self.catalog.lock();
+        for row in rows {
+            if let Err(e) = cat.put_segment(&row) {
+                log::warn!("cannot record WAL segment {}: {e}", row.file_name);
+            }
+        }
+    }
+
+    /// Deletes closed segments whose last record is `<= upto`.
+    pub(super) fn retire(&self, upto: Lsn) -> Result<Vec<PathBuf>, WalError> {
+        self.flush_rows();
+        let list = segment::list_segments(&self.dir)?;
+        let current = self.log.lock().seg.header.first_lsn;
+        let mut gone = Vec::new();
+        for pair in list.windows(2) {
+            let ((first, path), (next_first, _)) = (&pair[0], &pair[1]);
+            if *first >= current || next_first - 1 > upto {
+                break;
+            }
+            std::fs::remove_file(path).map_err(io_err("remove", path))?;
+            gone.push((*first, path.clone()));
+        }
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        segment::fsync_dir(&self.dir)?;
+        let cat = self.catalog.lock();
+        for (first, _) in &gone {
+            cat.remove_segment(*first)?;
+        }
+        Ok(gone.into_iter().map(|g| g.1).collect())
+    }
+
+    /// Asks the threads to stop and joins them (no final sync: `close` does that).
+    pub(super) fn stop_threads(&self, threads: &Mutex<Vec<JoinHandle<()>>>) {
+        {
+            let mut st = self.sync.lock();
+            st.stop = true;
+            self.wake.notify_one();
+        }
+        {
+            let mut st = self.spare_state.lock();
+            st.stop = true;
+            self.spare_wake.notify_one();
+        }
+        for h in std::mem::take(&mut *threads.lock()) {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! Tests of the writer: recovery cases, segment rolls, group commit, full disk.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use super::*;
+use crate::wal::reader::{SegmentScanner, WalReader};
+use crate::wal::record::{Attr, Record};
+
+pub(crate) fn cfg(durability: Durability) -> WalConfig {
+    WalConfig {
+        durability,
+        segment_size: 4 << 20,
+        ..WalConfig::default()
+    }
+}
+
+pub(crate) fn write_op(i: u64, len: usize) -> Op<'static> {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    Op::Write {
+        path: format!("d/f{}", i % 7).into_bytes(),
+        offset: i * 10,
+        data: Cow::Owned(data),
+        attr: Attr::default(),
+    }
+}
+
+fn open(dir: &Path, c: &WalConfig) -> (Wal, RecoveryReport) {
+    Wal::open(dir, c).unwrap()
+}
+
+fn all_records(dir: &Path) -> Vec<Record> {
+    WalReader::open(dir)
+        .unwrap()
+        .iter_from(0)
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn seg_paths(dir: &Path) -> Vec<PathBuf> {
+    segment::list_segments(&segment::wal_dir(dir))
+        .unwrap()
+        .into_iter()
+        .map(|s| s.1)
+        .collect()
+}
+
+/// Offsets of the valid frames of a segment, plus the end of the last one.
+fn frame_offsets(path: &Path) -> (Vec<u64>, u64) {
+    let mut sc = SegmentScanner::open(path).unwrap();
+    let mut offs = vec![];
+    while let Some(f) = sc.next_frame().unwrap() {
+        offs.push(f.offset);
+    }
+    (offs, sc.position())
+}
+
+fn poke(path: &Path, off: u64, bytes: &[u8]) {
+    segment::open_rw(path)
+        .unwrap()
+        .write_all_at(bytes, off)
+        .unwrap();
+}
+
+fn flip_bit(path: &Path, off: u64) {
+    let f = segment::open_rw(path).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ 0x04], off).unwrap();
+}
+
+#[test]
+fn reopen_after_close_continues_lsns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, rep) = open(dir.path(), &cfg(Durability::Batch));
+    assert_eq!(
+        (
+            rep.head_lsn,
+            rep.unclean_shutdown,
+            rep.truncated_tail.clone()
+        ),
+        (0, false, None)
+    );
+    for i in 1..=100 {
+        assert_eq!(wal.append(&write_op(i, 100)).unwrap(), i);
+    }
+    wal.close().unwrap();
+    wal.close().unwrap();
+    assert!(matches!(wal.append(&write_op(0, 1)), Err(WalError::Closed)));
+    drop(wal);
+    let (wal, rep) = open(dir.path(), &cfg(Durability::Batch));
+    assert_eq!(
+        (rep.head_lsn, rep.unclean_shutdown, rep.segments),
+        (100, false, 1)
+    );
+    assert_eq!(wal.append(&write_op(101, 100)).unwrap(), 101);
+    drop(wal);
+    let recs = all_records(dir.path());
+    assert_eq!(recs.len(), 101);
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!((r.lsn, &r.op), (i as u64 + 1, &write_op(i as u64 + 1, 100)));
+    }
+    let (_, rep) = open(dir.path(), &cfg(Durability::Batch));
+    assert!(rep.unclean_shutdown, "dropped without close");
+}
+
+#[test]
+fn second_writer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_wal, _) = open(dir.path(), &cfg(Durability::Batch));
+    let err = Wal::open(dir.path(), &cfg(Durability::Batch))
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("is in use by another replfs process"),
+        "{err}"
+    );
+}
+
+/// Appends `n` records of `len` bytes, closes, returns the last segment.
+fn log_of(dir: &Path, n: u64, len: usize) -> PathBuf {
+    let (wal, _) = open(dir, &cfg(Durability::Batch));
+    for i in 1..=n {
+        wal.append(&write_op(i, len)).unwrap();
+    }
+    wal.close().unwrap();
+    seg_paths(dir).pop().unwrap()
+}
+
+#[test]
+fn torn_tail_cut_mid_record_is_cut_and_appends_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = log_of(dir.path(), 10, 300);
+    let (offs, end) = frame_offsets(&seg);
+    let f = segment::open_rw(&seg).unwrap();
+    f.set_len(offs[9] + 100).unwrap();
+    drop(f);
+    let (wal, rep) = open(dir.path(), &cfg(Durability::Batch));
+    assert_eq!(rep.truncated_tail, Some((seg.clone(), offs[9], 100)));
+    assert_eq!(rep.head_lsn, 9);
+    assert_eq!(wal.append(&write_op(10, 300)).unwrap(), 10);
+    assert_eq!(wal.append(&write_op(11, 300)).unwrap(), 11);
+    wal.close().unwrap();
+    assert_eq!(all_records(dir.path()).len(), 11);
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        4 << 20,
+        "re-extended"
+    );
+    assert!(frame_offsets(&seg).1 > end);
+}
+
+#[test]
+fn garbage_after_the_last_record_is_cut() {
+    for gap in [0u64, 4096] {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = log_of(dir.path(), 5, 300);
+        let (_, end) = frame_offsets(&seg);
+        let garbage: Vec<u8> = (0..200u32).map(|i| (i * 37 + 11) as u8).collect();
+        poke(&seg, end + gap, &garbage);
+        let (wal, rep) = open(dir.path(), &cfg(Durability::Batch));
+        assert_eq!(
+            rep.truncated_tail,
+            Some((seg.clone(), end, gap + 200)),
+            "gap {gap}"
+        );
+        assert_eq!(wal.append(&write_op(6, 10)).unwrap(), 6);
+        drop(wal);
+        assert_eq!(all_records(dir.path()).len(), 6);
+    }
+}
+
+#[test]
+fn flipped_bit_in_the_middle_of_the_last_segment_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = log_of(dir.path(), 10, 300);
+    let (offs, _) = frame_offsets(&seg);
+    flip_bit(&seg, offs[4] + 100);
+    let err = Wal::open(dir.path(), &cfg(Durability::Batch))
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, WalError::Corrupt { offset, .. } if offset == offs[4]),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&seg.display().to_string()) && msg.contains(&offs[4].to_string()),
+        "{msg}"
+    );
+    let items: Vec<_> = WalReader::open(dir.path()).unwrap().iter_from(0).collect();
+    assert_eq!(items.len(), 5);
+    assert!(items[4].is_err());
+}
+
+#[test]
+fn flipped_bit_in_an_earlier_segment_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    log_of(dir.path(), 20, 512 << 10);
+    let segs = seg_paths(dir.path());
+    assert!(segs.len() >= 3, "{segs:?}");
+    let (offs, _) = frame_offsets(&segs[0]);
+    let last = *offs.last().unwrap();
+    flip_bit(&segs[0], last + 40);
+    let err = Wal::open(dir.path(), &cfg(Durability::Batch))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, WalError::Corrupt { path, offset, .. } if *path == segs[0] && *offset == last),
+        "{err}"
+    );
+}
+
+#[test]
+fn lsns_are_continuous_across_rolls_and_a_missing_segment_is_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    log_of(dir.path(), 30, 600 << 10);
+    let infos = WalReader::open(dir.path()).unwrap().segments().unwrap();
+    assert!(infos.len() >= 5);
+    for w in infos.windows(2) {
+        assert_eq!(w[0].last_lsn + 1, w[1].first_lsn);
+    }
+    let recs = all_records(dir.path());
+    assert_eq!(
+        recs.iter().map(|r| r.lsn).collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
+    let (wal, rep) = open(dir.path(), &cfg(Durability::Batch));
+    assert_eq!((rep.head_lsn, rep.segments), (30, infos.len()));
+    drop(wal);
+    std::fs::remove_file(&infos[2].path).unwrap();
+    let err = Wal::open(dir.path(), &cfg(Durability::Batch))
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(msg.contains(&infos[1].path.display().to_string()), "{msg}");
+    assert!(msg.contains(&infos[3].path.display().to_string()), "{msg}");
+}
+
+#[test]
+fn concurrent_appends_get_contiguous_lsns_and_all_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Batch));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let wal = wal.clone();
+            std::thread::spawn(move || {
+                let mut mine = vec![];
+                for i in 0..400u64 {
+                    let op = write_op(
+                        t * 1000 + i,
+                        if i % 50 == 0 {
+                            200_000
+                        } else {
+                            (i % 9) as usize * 300
+                        },
+                    );
+                    let lsn = wal.append(&op).unwrap();
+                    if i % 100 == 0 {
+                        wal.sync(lsn).unwrap();
+                        assert!(wal.durable_lsn() >= lsn);
+                    }
+                    mine.push((lsn, op));
+                }
+                mine
+            })
+        })
+        .collect();
+    let expect: HashMap<Lsn, Op<'static>> = threads
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert_eq!(expect.len(), 1600);
+    wal.close().unwrap();
+    let recs = all_records(dir.path());
+    assert_eq!(recs.len(), 1600);
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r.lsn, i as u64 + 1);
+        assert_eq!(&r.op, &expect[&r.lsn]);
+    }
+}
+
+#[test]
+fn sync_returns_only_once_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Os));
+    let lsn = wal.append(&write_op(1, 10)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(wal.durable_lsn(), 0, "os mode syncs only on request");
+    wal.commit(lsn).unwrap();
+    assert_eq!(wal.durable_lsn(), 0);
+    let before = wal.fsync_count();
+    wal.sync(lsn).unwrap();
+    assert!(wal.durable_lsn() >= lsn && wal.fsync_count() > before);
+    wal.sync(lsn).unwrap();
+    wal.sync(999).unwrap(); // beyond the head: waits for the head only
+    drop(wal);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Always));
+    let lsn = wal.append(&write_op(1, 10)).unwrap();
+    wal.commit(lsn).unwrap();
+    assert!(wal.durable_lsn() >= lsn);
+    drop(wal);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Batch));
+    std::thread::sleep(Duration::from_millis(30));
+    let lsn = wal.append(&write_op(1, 10)).unwrap();
+    let t0 = Instant::now();
+    while wal.durable_lsn() < lsn {
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "batch sync did not happen"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn admit_fails_with_full_when_no_spare_can_be_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Batch));
+    let spare = segment::wal_dir(dir.path()).join(segment::SPARE_NAME);
+    let t0 = Instant::now();
+    while wal.inner.shared.spare.lock().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no spare prepared");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(spare.exists());
+    wal.inject_spare_failure(true);
+    let big = write_op(1, 512 << 10);
+    let mut appended = 0;
+    let t0 = Instant::now();
+    while wal.admit().is_ok() {
+        wal.append(&big).unwrap();
+        appended += 1;
+        assert!(t0.elapsed() < Duration::from_secs(10), "never became full");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let err = wal.admit().unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC);
+    // Records already admitted still fit in the current segment ...
+    assert!(wal.append(&write_op(2, 100)).is_ok());
+    // ... until it is full: then append reports Full, never a silent drop.
+    let err = (0..20).find_map(|_| wal.append(&big).err()).unwrap();
+    assert!(matches!(err, WalError::Full), "{err}");
+    wal.inject_spare_failure(false);
+    let t0 = Instant::now();
+    while wal.admit().is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "spare never retried");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wal.append(&big).unwrap();
+    wal.close().unwrap();
+    assert!(appended > 0);
+    let recs = all_records(dir.path());
+    assert_eq!(recs.last().unwrap().lsn, recs.len() as u64);
+}
+
+#[test]
+fn empty_segment_whose_header_never_landed_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    log_of(dir.path(), 3, 10);
+    let ghost = segment::wal_dir(dir.path()).join(segment::segment_file_name(4));
+    let f = File::create(&ghost).unwrap();
+    segment::preallocate(&f, 1 << 20).unwrap();
+    let (wal, rep) = open(dir.path(), &cfg(Durability::Batch));
+    assert_eq!(rep.removed_segments, vec![ghost.clone()]);
+    assert!(!ghost.exists());
+    assert_eq!(wal.append(&write_op(4, 10)).unwrap(), 4);
+}
+
+#[test]
+fn retire_deletes_shipped_segments_and_catalog_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Batch));
+    for i in 1..=20 {
+        wal.append(&write_op(i, 600 << 10)).unwrap();
+    }
+    wal.sync(20).unwrap();
+    let before = WalReader::open(dir.path()).unwrap().segments().unwrap();
+    let gone = wal.retire(before[2].last_lsn).unwrap();
+    assert_eq!(
+        gone,
+        before[..3]
+            .iter()
+            .map(|s| s.path.clone())
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        wal.retire(u64::MAX).unwrap().len() == before.len() - 4,
+        "all but the current one"
+    );
+    wal.close().unwrap();
+    let rdr = WalReader::open(dir.path()).unwrap();
+    assert!(matches!(
+        rdr.iter_from(1).next(),
+        Some(Err(WalError::NotRetained { .. }))
+    ));
+    drop(wal);
+    let (_, rep) = open(dir.path(), &cfg(Durability::Batch));
+    assert_eq!((rep.head_lsn, rep.segments), (20, 1));
+    assert!(rep.catalog_repairs.is_empty(), "{:?}", rep.catalog_repairs);
+}
+
+#[test]
+fn catalog_is_repaired_but_a_missing_middle_segment_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    log_of(dir.path(), 20, 600 << 10);
+    let cat = Catalog::open(dir.path()).unwrap();
+    let rows = cat.segments().unwrap();
+    cat.remove_segment(rows[1].first_lsn).unwrap();
+    let mut ghost = rows[0].clone();
+    ghost.first_lsn = rows.last().unwrap().first_lsn + 100;
+    ghost.file_name = segment::segment_file_name(ghost.first_lsn);
+    cat.put_segment(&ghost).unwrap();
+    let (wal, rep) = open(dir.path(), &cfg(Durability::Batch));
+    assert_eq!(rep.catalog_repairs.len(), 2, "{:?}", rep.catalog_repairs);
+    drop(wal);
+    let mut bogus = rows[1].clone();
+    bogus.first_lsn += 1;
+    bogus.file_name = segment::segment_file_name(bogus.first_lsn);
+    cat.put_segment(&bogus).unwrap();
+    let err = Wal::open(dir.path(), &cfg(Durability::Batch))
+        .err()
+        .unwrap();
+    assert!(matches!(err, WalError::MissingSegment { .. }), "{err}");
+}

@@ -1,0 +1,561 @@
+//! End-to-end: a real FUSE mount, a realistic workload through it, and the
+//! WAL replayed into an empty directory must equal BACKING byte for byte,
+//! metadata included (DESIGN.md invariants 1 and 2).
+
+mod common;
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::path::Path;
+
+use common::*;
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|i| {
+            if i % 7 == 0 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            }
+            (x >> 33) as u8 ^ (i as u8)
+        })
+        .collect()
+}
+
+fn renameat2(a: &Path, b: &Path, flags: u32) -> std::io::Result<()> {
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c(a).as_ptr(),
+            libc::AT_FDCWD,
+            c(b).as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64), nofollow: bool) {
+    let ts = [
+        libc::timespec {
+            tv_sec: atime.0,
+            tv_nsec: atime.1,
+        },
+        libc::timespec {
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1,
+        },
+    ];
+    let flags = if nofollow {
+        libc::AT_SYMLINK_NOFOLLOW
+    } else {
+        0
+    };
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c(p).as_ptr(), ts.as_ptr(), flags) };
+    assert_eq!(
+        r,
+        0,
+        "utimensat {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+fn setxattr(p: &Path, name: &str, value: &[u8]) {
+    let n = CString::new(name).unwrap();
+    let r = unsafe {
+        libc::setxattr(
+            c(p).as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+fn removexattr(p: &Path, name: &str) {
+    let n = CString::new(name).unwrap();
+    let r = unsafe { libc::removexattr(c(p).as_ptr(), n.as_ptr()) };
+    assert_eq!(r, 0, "removexattr: {}", std::io::Error::last_os_error());
+}
+
+/// Files, directories, renames over existing files, directory renames,
+/// truncates, sparse files, hard links, symlinks, xattrs, chmod/chown/utimens,
+/// fifos, sockets, RENAME_NOREPLACE / RENAME_EXCHANGE, copy_file_range.
+fn mixed_workload(m: &Path) {
+    fs::create_dir_all(m.join("a/b/c")).unwrap();
+    for (i, len) in [0usize, 1, 4095, 4096, (1 << 20) + 13, 3 << 20]
+        .iter()
+        .enumerate()
+    {
+        fs::write(m.join(format!("a/b/f{i}")), pattern(*len, i as u64)).unwrap();
+    }
+    // Overwrite in the middle, append.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(m.join("a/b/f4"))
+        .unwrap();
+    f.seek(SeekFrom::Start(4000)).unwrap();
+    f.write_all(&pattern(10_000, 99)).unwrap();
+    drop(f);
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(m.join("a/b/f3"))
+        .unwrap();
+    f.write_all(b"appended line\n").unwrap();
+    drop(f);
+    // Save by rename over an existing file (editors).
+    fs::write(m.join("a/doc.txt"), b"version 1\n").unwrap();
+    let mut t = File::create(m.join("a/.doc.txt.swp")).unwrap();
+    t.write_all(b"version 2, saved by rename\n").unwrap();
+    t.sync_all().unwrap();
+    drop(t);
+    fs::rename(m.join("a/.doc.txt.swp"), m.join("a/doc.txt")).unwrap();
+    // Directory rename, then writes through the new path.
+    fs::rename(m.join("a/b"), m.join("a/b2")).unwrap();
+    fs::write(
+        m.join("a/b2/c/inside"),
+        b"written after the directory moved",
+    )
+    .unwrap();
+    // Truncate: shrink and extend.
+    OpenOptions::new()
+        .write(true)
+        .open(m.join("a/b2/f5"))
+        .unwrap()
+        .set_len(100_000)
+        .unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(m.join("a/b2/f2"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    // Sparse file and a punched hole.
+    let mut s = File::create(m.join("sparse")).unwrap();
+    s.seek(SeekFrom::Start(10 << 20)).unwrap();
+    s.write_all(&pattern(4096, 7)).unwrap();
+    drop(s);
+    let h = OpenOptions::new()
+        .write(true)
+        .open(m.join("a/b2/f5"))
+        .unwrap();
+    let r = unsafe {
+        libc::fallocate(
+            h.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            8192,
+            65536,
+        )
+    };
+    assert_eq!(r, 0, "punch hole: {}", std::io::Error::last_os_error());
+    let r = unsafe { libc::fallocate(h.as_raw_fd(), 0, 0, 200_000) };
+    assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+    drop(h);
+    // Hard links: write through the second name, drop the first.
+    fs::write(m.join("hl1"), b"hard link content").unwrap();
+    fs::hard_link(m.join("hl1"), m.join("a/hl2")).unwrap();
+    fs::hard_link(m.join("hl1"), m.join("hl3")).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(m.join("a/hl2"))
+        .unwrap()
+        .write_all(b" + more")
+        .unwrap();
+    fs::remove_file(m.join("hl1")).unwrap();
+    assert_eq!(fs::metadata(m.join("hl3")).unwrap().nlink(), 2);
+    // Symlinks, including an owner change on the link itself.
+    symlink("b2/f1", m.join("a/rel-link")).unwrap();
+    symlink("/etc/hostname", m.join("abs-link")).unwrap();
+    std::os::unix::fs::lchown(m.join("abs-link"), Some(1234), Some(1234)).unwrap();
+    set_times(
+        &m.join("abs-link"),
+        (1_600_000_000, 0),
+        (1_600_000_001, 123_456_789),
+        true,
+    );
+    // Xattrs on a file and a directory.
+    setxattr(&m.join("a/doc.txt"), "user.origin", b"replfs test");
+    setxattr(&m.join("a/doc.txt"), "user.drop", b"x");
+    removexattr(&m.join("a/doc.txt"), "user.drop");
+    setxattr(&m.join("a"), "user.dir", &pattern(300, 3));
+    // chmod / chown / utimens (specific, UTIME_OMIT, UTIME_NOW).
+    fs::set_permissions(m.join("a/b2/f0"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::write(m.join("suid"), b"#!/bin/sh\n").unwrap();
+    std::os::unix::fs::chown(m.join("suid"), Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(m.join("suid"), fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::chown(m.join("a/b2/f1"), Some(2000), Some(3000)).unwrap();
+    set_times(
+        &m.join("a/b2/f1"),
+        (1_500_000_000, 1),
+        (1_400_000_000, 999_999_999),
+        false,
+    );
+    set_times(
+        &m.join("a/b2/f3"),
+        (0, libc::UTIME_OMIT),
+        (1_300_000_000, 5),
+        false,
+    );
+    set_times(
+        &m.join("a/b2/f4"),
+        (0, libc::UTIME_NOW),
+        (0, libc::UTIME_NOW),
+        false,
+    );
+    // Special files.
+    let r = unsafe { libc::mkfifo(c(&m.join("fifo")).as_ptr(), 0o620) };
+    assert_eq!(r, 0, "mkfifo: {}", std::io::Error::last_os_error());
+    let sock = std::os::unix::net::UnixListener::bind(m.join("sock")).unwrap();
+    drop(sock);
+    // Removals.
+    fs::create_dir_all(m.join("gone/deeper")).unwrap();
+    fs::write(m.join("gone/deeper/x"), b"x").unwrap();
+    fs::remove_dir_all(m.join("gone")).unwrap();
+    // renameat2 flags.
+    fs::write(m.join("ex1"), b"exchange one").unwrap();
+    fs::create_dir(m.join("ex2")).unwrap();
+    fs::write(m.join("ex2/in"), b"inside ex2").unwrap();
+    renameat2(&m.join("ex1"), &m.join("ex2"), libc::RENAME_EXCHANGE).unwrap();
+    let e = renameat2(&m.join("a/doc.txt"), &m.join("ex1"), libc::RENAME_NOREPLACE).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+    renameat2(
+        &m.join("a/doc.txt"),
+        &m.join("doc-moved.txt"),
+        libc::RENAME_NOREPLACE,
+    )
+    .unwrap();
+    // copy_file_range (std::fs::copy uses it on Linux).
+    fs::copy(m.join("a/b2/f4"), m.join("copied")).unwrap();
+    // Directory metadata last, so nothing after it changes the directory.
+    fs::set_permissions(m.join("a/b2/c"), fs::Permissions::from_mode(0o2750)).unwrap();
+}
+
+fn prepare_root(rig: &Rig) {
+    fs::set_permissions(&rig.backing, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn mixed_workload_replays_to_identical_tree() {
+    let rig = Rig::new();
+    prepare_root(&rig);
+    let m = rig.mount(None);
+    mixed_workload(&rig.mnt);
+    assert_same_tree(&rig.mnt, &rig.backing);
+    m.unmount();
+    let replayed = rig.replay("replayed", &[]);
+    assert_same_tree(&rig.backing, &replayed);
+}
+
+#[test]
+fn dump_lists_every_record_in_lsn_order_as_json() {
+    let rig = Rig::new();
+    prepare_root(&rig);
+    let m = rig.mount(None);
+    fs::create_dir(rig.mnt.join("d")).unwrap();
+    fs::write(rig.mnt.join("d/file"), vec![b'z'; 5000]).unwrap();
+    fs::rename(rig.mnt.join("d/file"), rig.mnt.join("d/renamed")).unwrap();
+    fs::remove_file(rig.mnt.join("d/renamed")).unwrap();
+    m.unmount();
+    let recs = rig.dump();
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(
+            r["lsn"].as_u64(),
+            Some(i as u64 + 1),
+            "LSNs are contiguous from 1: {r}"
+        );
+        for k in ["time", "op", "path", "len"] {
+            assert!(r.get(k).is_some(), "record lacks {k}: {r}");
+        }
+    }
+    let ops: Vec<(&str, &str)> = recs
+        .iter()
+        .map(|r| (r["op"].as_str().unwrap(), r["path"].as_str().unwrap()))
+        .collect();
+    let pos = |op: &str, path: &str| ops.iter().position(|&(o, p)| o == op && p == path);
+    let mkdir = pos("create", "d")
+        .or(pos("mkdir", "d"))
+        .expect("mkdir logged");
+    let write = pos("write", "d/file").expect("write logged");
+    let rename = pos("rename", "d/file").expect("rename logged");
+    let unlink = pos("unlink", "d/renamed")
+        .or(pos("remove", "d/renamed"))
+        .expect("unlink logged");
+    assert!(
+        mkdir < write && write < rename && rename < unlink,
+        "{ops:?}"
+    );
+    let written: u64 = recs
+        .iter()
+        .filter(|r| r["op"] == "write")
+        .map(|r| r["len"].as_u64().unwrap())
+        .sum();
+    assert_eq!(written, 5000);
+    // The human table works too and shows the same number of records.
+    let out = replfs(&["log", "dump", "--state", rig.state.to_str().unwrap()]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.lines().count() >= recs.len(), "{table}");
+    // --from / --to select a range.
+    let out = replfs(&[
+        "log",
+        "dump",
+        "--json",
+        "--from",
+        "2",
+        "--to",
+        "3",
+        "--state",
+        rig.state.to_str().unwrap(),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+}
+
+#[test]
+fn real_applications_through_the_mount() {
+    let rig = Rig::new();
+    prepare_root(&rig);
+    let m = rig.mount(None);
+    let mnt = rig.mnt.clone();
+    // A source tree to work on, made outside the mount.
+    let src = rig.path("src");
+    fs::create_dir_all(src.join("lib/deep")).unwrap();
+    for i in 0..40 {
+        fs::write(
+            src.join(format!("lib/file{i}.c")),
+            format!("int f{i}(void) {{ return {i}; }}\n").repeat(50),
+        )
+        .unwrap();
+    }
+    fs::write(src.join("lib/deep/blob.bin"), pattern(300_000, 5)).unwrap();
+    sh(
+        &mnt,
+        &format!(
+            "tar -C {} -cf - . | tar -xf - && mkdir tree && tar -C {} -cf - . | tar -C tree -xpf -",
+            src.display(),
+            src.display()
+        ),
+    );
+    sh(
+        &mnt,
+        "cp -a tree tree-copy && rm -r tree-copy/lib/deep && sed -i 's/return/yield/' tree-copy/lib/file1.c",
+    );
+    sh(
+        &mnt,
+        &format!(
+            "rsync -a --delete {}/ mirror-by-rsync/ && rsync -a --delete tree/ mirror-by-rsync/",
+            src.display()
+        ),
+    );
+    sh(
+        &mnt,
+        "git init -q repo && cd repo && cp -r ../lib . && git add -A && \
+              git -c user.email=t@example.invalid -c user.name=t commit -qm first && \
+              echo change >> lib/file3.c && git -c user.email=t@example.invalid -c user.name=t commit -qam second && \
+              git gc -q && git fsck --no-progress",
+    );
+    sh(
+        &mnt,
+        "sqlite3 db.sqlite 'create table t(k integer primary key, v text); \
+              with recursive n(i) as (select 1 union all select i+1 from n where i < 2000) insert into t(v) select printf(\"row %d\", i) from n; \
+              update t set v = v || \"!\" where k % 3 = 0; delete from t where k % 5 = 0; vacuum;' && \
+              test \"$(sqlite3 db.sqlite 'select count(*) from t')\" = 1600",
+    );
+    sh(
+        &mnt,
+        "find . -type f -name '*.c' | xargs cat > all.txt && test -s all.txt && rm -rf tree/lib/deep",
+    );
+    assert_same_tree(&mnt, &rig.backing);
+    m.unmount();
+    let replayed = rig.replay("replayed", &[]);
+    assert_same_tree(&rig.backing, &replayed);
+}
+
+#[test]
+fn concurrent_writers_log_a_valid_serialization() {
+    let rig = Rig::new();
+    prepare_root(&rig);
+    let m = rig.mount(None);
+    fs::write(rig.mnt.join("shared"), vec![0u8; 1 << 20]).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let mnt = rig.mnt.clone();
+            s.spawn(move || {
+                let dir = mnt.join(format!("t{t}"));
+                fs::create_dir(&dir).unwrap();
+                let shared = OpenOptions::new()
+                    .write(true)
+                    .open(mnt.join("shared"))
+                    .unwrap();
+                for i in 0..150u64 {
+                    let p = dir.join(format!("f{}", i % 17));
+                    fs::write(&p, pattern(100 + (i as usize * 37) % 9000, t * 1000 + i)).unwrap();
+                    if i % 3 == 0 {
+                        let _ = fs::rename(&p, dir.join(format!("r{}", i % 5)));
+                    }
+                    // Overlapping writes to one file from every thread.
+                    let off = (i * 4096 + t * 1000) % ((1 << 20) - 8192);
+                    std::os::unix::fs::FileExt::write_all_at(
+                        &shared,
+                        &pattern(8192, t * 7 + i),
+                        off,
+                    )
+                    .unwrap();
+                    if i % 50 == 0 {
+                        // Moves between directories race with the other threads' writes.
+                        let other = mnt.join(format!("t{}", (t + 1) % 4));
+                        let _ = fs::rename(dir.join("r0"), other.join(format!("from{t}-{i}")));
+                    }
+                }
+            });
+        }
+    });
+    assert_same_tree(&rig.mnt, &rig.backing);
+    m.unmount();
+    let replayed = rig.replay("replayed", &[]);
+    assert_same_tree(&rig.backing, &replayed);
+}
+
+#[test]
+fn permissions_and_ownership_follow_the_caller() {
+    let rig = Rig::new();
+    prepare_root(&rig);
+    let m = rig.mount(None);
+    fs::create_dir(rig.mnt.join("pub")).unwrap();
+    fs::set_permissions(rig.mnt.join("pub"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::write(rig.mnt.join("pub/root-only"), b"secret").unwrap();
+    fs::set_permissions(
+        rig.mnt.join("pub/root-only"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let as_user = |script: &str| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=1000",
+                "--regid=1000",
+                "--clear-groups",
+                "bash",
+                "-c",
+                script,
+            ])
+            .current_dir(rig.mnt.join("pub"))
+            .output()
+            .unwrap()
+    };
+    let out = as_user("echo mine > user-file && mkdir user-dir && ln -s user-file user-link");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["user-file", "user-dir", "user-link"] {
+        let md = fs::symlink_metadata(rig.mnt.join("pub").join(name)).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid()),
+            (1000, 1000),
+            "{name} belongs to the caller"
+        );
+    }
+    let out = as_user("cat root-only");
+    assert!(
+        !out.status.success(),
+        "other users cannot read a 0600 root file"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    let out = as_user("rm root-only");
+    assert!(
+        !out.status.success(),
+        "sticky directory protects root's file"
+    );
+    // setgid directories pass their group on.
+    fs::create_dir(rig.mnt.join("sgid")).unwrap();
+    std::os::unix::fs::chown(rig.mnt.join("sgid"), Some(0), Some(4242)).unwrap();
+    fs::set_permissions(rig.mnt.join("sgid"), fs::Permissions::from_mode(0o2777)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            "bash",
+            "-c",
+            "touch f && mkdir d",
+        ])
+        .current_dir(rig.mnt.join("sgid"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::metadata(rig.mnt.join("sgid/f")).unwrap().gid(), 4242);
+    let d = fs::metadata(rig.mnt.join("sgid/d")).unwrap();
+    assert_eq!(d.gid(), 4242);
+    assert!(d.mode() & 0o2000 != 0, "new directory inherits setgid");
+    assert_same_tree(&rig.mnt, &rig.backing);
+    m.unmount();
+    let replayed = rig.replay("replayed", &[]);
+    assert_same_tree(&rig.backing, &replayed);
+}
+
+#[test]
+fn mmap_writes_and_o_append_are_logged() {
+    let rig = Rig::new();
+    prepare_root(&rig);
+    let m = rig.mount(None);
+    let p = rig.mnt.join("mapped");
+    fs::write(&p, vec![b'.'; 8192]).unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED);
+        std::ptr::copy_nonoverlapping(b"through mmap".as_ptr(), (addr as *mut u8).add(100), 12);
+        assert_eq!(libc::msync(addr, 8192, libc::MS_SYNC), 0);
+        libc::munmap(addr, 8192);
+    }
+    drop(f);
+    let mut a = OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_APPEND)
+        .open(&p)
+        .unwrap();
+    a.write_all(b"tail1").unwrap();
+    a.write_all(b"tail2").unwrap();
+    drop(a);
+    let content = fs::read(&p).unwrap();
+    assert_eq!(&content[100..112], b"through mmap");
+    assert!(content.ends_with(b"tail1tail2"));
+    m.unmount();
+    let replayed = rig.replay("replayed", &[]);
+    assert_same_tree(&rig.backing, &replayed);
+}
