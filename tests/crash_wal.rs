@@ -116,6 +116,44 @@ fn kill9_loses_no_fsynced_change() {
     }
 }
 
+#[test]
+fn crash_between_change_and_record_marks_the_path_for_resync() {
+    let rig = Rig::new();
+    fs::set_permissions(&rig.backing, fs::Permissions::from_mode(0o755)).unwrap();
+    let m = Mount::start_env(
+        &rig.backing,
+        &rig.mnt,
+        &rig.state,
+        None,
+        &[("REPLFS_FAILPOINT", "crash-before-log:dir/victim")],
+    );
+    fs::create_dir(rig.mnt.join("dir")).unwrap();
+    fs::write(rig.mnt.join("dir/bystander"), b"logged").unwrap();
+    // The create of dir/victim reaches BACKING, then the daemon dies before logging it.
+    assert!(fs::write(rig.mnt.join("dir/victim"), b"lost?").is_err());
+    m.wait_crashed();
+    assert!(
+        rig.backing.join("dir/victim").exists(),
+        "the change reached BACKING"
+    );
+    // The next start logs the in-flight path as needing resync, first thing.
+    let m = rig.mount(None);
+    m.unmount();
+    let recs = rig.dump();
+    let resync: Vec<_> = recs.iter().filter(|r| r["op"] == "resync").collect();
+    assert_eq!(resync.len(), 1, "{recs:?}");
+    assert_eq!(resync[0]["path"], "dir/victim");
+    assert!(
+        recs.iter()
+            .any(|r| r["op"] == "write" && r["path"] == "dir/bystander")
+    );
+    assert!(
+        !recs
+            .iter()
+            .any(|r| r["op"] != "resync" && r["path"] == "dir/victim")
+    );
+}
+
 /// Writes a few records through a mount and unmounts cleanly.
 fn small_log(rig: &Rig, files: usize) {
     let m = rig.mount(None);

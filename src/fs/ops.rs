@@ -49,6 +49,9 @@ pub struct Core {
     pub wal: Wal,
     on_full: OnWalFull,
     inflight: Inflight,
+    /// Test failpoint (env `REPLFS_FAILPOINT=crash-before-log:PATH`): abort
+    /// after changing PATH in BACKING, before its record is appended.
+    crash_before_log: Option<Vec<u8>>,
 }
 
 const NOFOLLOW_EMPTY: &CStr = c"";
@@ -105,6 +108,12 @@ impl Core {
             wal,
             on_full: cfg.wal.on_wal_full,
             inflight,
+            crash_before_log: std::env::var_os("REPLFS_FAILPOINT").and_then(|v| {
+                use std::os::unix::ffi::OsStrExt;
+                v.as_bytes()
+                    .strip_prefix(b"crash-before-log:")
+                    .map(<[u8]>::to_vec)
+            }),
         })
     }
 
@@ -153,6 +162,10 @@ impl Core {
     /// Logs a change that already happened. On failure the change cannot be
     /// undone: it is reported loudly and the caller gets EIO.
     fn log(&self, node: Option<&Inode>, op: Op<'_>) -> Res<u64> {
+        if self.crash_before_log.as_deref() == Some(op.path()) {
+            error!("failpoint: crashing between the change and its log record");
+            std::process::abort();
+        }
         match self.wal.append(&op) {
             Ok(lsn) => {
                 if let Some(n) = node {
@@ -167,6 +180,14 @@ impl Core {
                     op.name(),
                     String::from_utf8_lossy(op.path())
                 );
+                for p in op.paths() {
+                    if let Err(e2) = self.wal.mark_resync(p, "WAL append failed") {
+                        error!(
+                            "cannot record {:?} for resync either: {e2}",
+                            String::from_utf8_lossy(p)
+                        );
+                    }
+                }
                 Err(Errno::from(e))
             }
         }

@@ -11,14 +11,20 @@
 //! - [`Wal::append`] is called after the change succeeded, while the caller
 //!   still holds the locks that order that change against conflicting ones. It
 //!   assigns the next LSN and writes the record into the current segment (one
-//!   `pwrite`, page cache) before returning, so a crash of the process after
-//!   `append` returns cannot lose it. It never fails for lack of space: a spare
-//!   preallocated segment is always kept in reserve.
+//!   `pwritev`, page cache) before returning, so a crash of the process after
+//!   `append` returns cannot lose it. It does not fail for lack of space once
+//!   admitted: a preallocated spare segment is kept in reserve, and `admit`
+//!   refuses as soon as no spare can be made. (If the current segment also
+//!   runs out while full, `append` returns `Full`: the caller must record a
+//!   resync, e.g. with [`Wal::mark_resync`] — never a silent gap.)
+//! - [`Wal::commit`] is called after the caller dropped its locks: in `always`
+//!   mode it waits for durability.
 //! - [`Wal::sync`] waits until every record up to an LSN is durable (group
 //!   commit: one fdatasync serves all waiters).
+//! - [`Wal::retire`] deletes segments the mirror acknowledged.
 //! - [`reader::WalReader`] iterates records in LSN order across segments for
-//!   recovery, `log dump`/`verify`/`replay` and the shipper.
-
+//!   `log dump`/`verify`/`replay` and the shipper, with the same scanner that
+//!   recovery uses. A live follower uses `iter_range(from, head_lsn)`.
 //!
 //! The on-disk format is specified in `docs/wal-format.md`.
 

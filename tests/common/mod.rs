@@ -107,7 +107,18 @@ pub fn is_mounted(mnt: &Path) -> bool {
 
 impl Mount {
     pub fn start(backing: &Path, mnt: &Path, state: &Path, config: Option<&str>) -> Mount {
+        Self::start_env(backing, mnt, state, config, &[])
+    }
+
+    pub fn start_env(
+        backing: &Path,
+        mnt: &Path,
+        state: &Path,
+        config: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Mount {
         let mut cmd = Command::new(BIN);
+        cmd.envs(env.iter().copied());
         cmd.arg("mount")
             .arg(backing)
             .arg(mnt)
@@ -166,6 +177,15 @@ impl Mount {
             Some(0),
             "replfs mount did not exit cleanly after unmount"
         );
+    }
+
+    /// Waits for the daemon to die by itself (a failpoint), then detaches the mount.
+    pub fn wait_crashed(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let code = wait_timeout(&mut c, Duration::from_secs(20));
+            assert_ne!(code, Some(0), "the daemon was expected to crash");
+        }
+        detach(&self.mnt);
     }
 
     /// kill -9 of the daemon, then detach the dead mount.

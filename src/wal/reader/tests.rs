@@ -172,11 +172,21 @@ fn a_reader_racing_a_live_writer_never_sees_corruption() {
         let wal = wal.clone();
         std::thread::spawn(move || {
             for i in 1..=40_000u64 {
-                let big = i % 1000 == 0;
-                let op = if big {
-                    Op::Resync {
-                        path: vec![],
-                        reason: "y".repeat(4000),
+                let op = if i % 5 == 0 {
+                    let mut x = i | 1;
+                    let data: Vec<u8> = (0..3000)
+                        .map(|_| {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            x as u8
+                        })
+                        .collect();
+                    Op::Write {
+                        path: b"f".to_vec(),
+                        offset: 0,
+                        data: data.into(),
+                        attr: Default::default(),
                     }
                 } else {
                     op(i)
@@ -198,6 +208,10 @@ fn a_reader_racing_a_live_writer_never_sees_corruption() {
     }
     writer.join().unwrap();
     assert_eq!(rdr.iter_from(0).count(), 40_000);
+    assert!(
+        rdr.segments().unwrap().len() >= 5,
+        "the writer rolled while being read"
+    );
     assert!(seen > 0);
     wal.close().unwrap();
 }
