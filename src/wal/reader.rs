@@ -162,6 +162,13 @@ impl SegmentScanner {
         &self.path
     }
 
+    /// Drops the cached window so the next read sees what a live writer
+    /// appended since (the shipper follows the WAL this way).
+    pub fn refresh(&mut self) {
+        self.rd.buf.clear();
+        self.rd.start = 0;
+    }
+
     /// LSN the next valid frame must carry.
     pub fn next_lsn(&self) -> Lsn {
         self.next_lsn

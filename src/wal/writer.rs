@@ -64,6 +64,8 @@ pub enum WalError {
     Record(#[from] CodecError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error("invalid WAL configuration: {0}")]
+    Config(String),
     #[error("the WAL is closed")]
     Closed,
     #[error("the WAL stopped after an I/O error: {msg} (restart to recover)")]
@@ -79,7 +81,7 @@ impl WalError {
             WalError::Failed { errno, .. } => *errno,
             WalError::Locked(_) => libc::EBUSY,
             WalError::Record(CodecError::TooLong { what: "path", .. }) => libc::ENAMETOOLONG,
-            WalError::Record(_) => libc::EINVAL,
+            WalError::Record(_) | WalError::Config(_) => libc::EINVAL,
             _ => libc::EIO,
         }
     }
@@ -212,7 +214,7 @@ impl Wal {
                 "wal.segment_size {} is too small for the largest record",
                 cfg.segment_size
             );
-            return Err(WalError::Record(CodecError::Invalid(msg)));
+            return Err(WalError::Config(msg));
         }
         let dir = segment::wal_dir(state_dir);
         std::fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
@@ -256,7 +258,11 @@ impl Wal {
     pub fn append(&self, op: &Op<'_>) -> Result<Lsn, WalError> {
         let s = &self.inner.shared;
         s.usable()?;
-        let min = usize::try_from(s.cfg.compress_min).unwrap_or(usize::MAX);
+        // 0 = never: compression then happens off the write path, in the shipper.
+        let min = match s.cfg.compress_min {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
         let body = PreparedBody::new(op, min, s.seed.load(Relaxed))?;
         let frame_len = (FRAME_HEADER_LEN + body.stored_len()) as u64;
         let mut log = s.log.lock();

@@ -436,3 +436,52 @@ fn catalog_is_repaired_but_a_missing_middle_segment_fails() {
         .unwrap();
     assert!(matches!(err, WalError::MissingSegment { .. }), "{err}");
 }
+
+#[test]
+fn invalid_records_are_refused_without_using_an_lsn_and_errnos_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Batch));
+    let bad = Op::Remove {
+        path: b"../escape".to_vec(),
+        dir: false,
+        parent_mtime: Default::default(),
+    };
+    let err = wal.append(&bad).unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL, "{err}");
+    assert_eq!(wal.append(&write_op(1, 10)).unwrap(), 1);
+    let io = WalError::Io {
+        op: "write",
+        path: "x".into(),
+        err: io::Error::from_raw_os_error(libc::EROFS),
+    };
+    assert_eq!(io.errno(), libc::EROFS);
+    let other = WalError::Io {
+        op: "write",
+        path: "x".into(),
+        err: io::Error::other("?"),
+    };
+    assert_eq!(other.errno(), libc::EIO);
+    let corrupt = WalError::Corrupt {
+        path: "s.wal".into(),
+        offset: 7,
+        reason: "x".into(),
+    };
+    assert_eq!(corrupt.errno(), libc::EIO);
+    assert_eq!(WalError::Full.errno(), libc::ENOSPC);
+    let small = WalConfig {
+        segment_size: 1 << 20,
+        ..cfg(Durability::Batch)
+    };
+    drop(wal);
+    assert!(matches!(
+        Wal::open(dir.path(), &small),
+        Err(WalError::Config(_))
+    ));
+}
+
+#[test]
+fn wal_and_reader_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Wal>();
+    check::<WalReader>();
+}
