@@ -86,12 +86,72 @@ impl Default for MountConfig {
     }
 }
 
+/// `[mirror]`: the `replfs mirror` daemon (see `docs/protocol.md`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorConfig {
+    /// `HOST:PORT` to listen on; `--listen` wins.
+    pub listen: Option<String>,
+    /// Connections served at once; more are refused.
+    pub max_connections: usize,
+    /// A shipper that sends no frame (Ping included) for this long is dropped.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// The volumes served (`[[mirror.volume]]`), besides `--dir`'s `default`.
+    pub volume: Vec<MirrorVolumeConfig>,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            listen: None,
+            max_connections: 64,
+            idle_timeout: Duration::from_secs(120),
+            volume: Vec::new(),
+        }
+    }
+}
+
+/// One `[[mirror.volume]]`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorVolumeConfig {
+    /// Volume id the shipper names in its handshake.
+    pub id: String,
+    /// The replica directory (nothing else is written there).
+    pub dir: std::path::PathBuf,
+    /// The volume's shared secret (whole file, >= 16 bytes).
+    pub key_file: std::path::PathBuf,
+}
+
+impl MirrorConfig {
+    fn validate(&self) -> Result<()> {
+        if self.max_connections == 0 || self.max_connections > 4096 {
+            bail!("mirror.max_connections must be between 1 and 4096");
+        }
+        if self.idle_timeout < Duration::from_secs(1) {
+            bail!("mirror.idle_timeout must be at least 1s");
+        }
+        for (i, v) in self.volume.iter().enumerate() {
+            crate::proto::check_volume_id(&v.id)
+                .map_err(|e| anyhow::anyhow!("mirror.volume: {e}"))?;
+            if self.volume[..i].iter().any(|o| o.id == v.id) {
+                bail!("mirror.volume: id {:?} is listed twice", v.id);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The whole config file.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub wal: WalConfig,
     pub mount: MountConfig,
+    #[serde(default)]
+    pub mirror: MirrorConfig,
+    pub ship: crate::ship::ShipConfig,
 }
 
 impl Config {
@@ -118,6 +178,8 @@ impl Config {
         if self.mount.threads == 0 || self.mount.threads > 64 {
             bail!("mount.threads must be between 1 and 64");
         }
+        self.mirror.validate()?;
+        self.ship.validate()?;
         if self.wal.sync_interval.is_zero() {
             bail!("wal.sync_interval must be greater than zero");
         }
@@ -168,7 +230,9 @@ pub fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u6
 }
 
 /// A duration as a humantime string ("10ms", "30s", "15m").
-pub fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+pub fn de_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Duration, D::Error> {
     humantime_serde_compat::deserialize(d)
 }
 
@@ -218,6 +282,25 @@ mod tests {
         let msg = format!("{err:#}");
         assert!(msg.contains("bogus"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn the_mirror_section_parses_and_validates() {
+        let c = Config::parse(
+            "[mirror]\nlisten = \"0.0.0.0:7450\"\nidle_timeout = \"5m\"\n\
+             [[mirror.volume]]\nid = \"vol1\"\ndir = \"/srv/dr/vol1\"\nkey_file = \"/etc/replfs/vol1.key\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.mirror.listen.as_deref(), Some("0.0.0.0:7450"));
+        assert_eq!(c.mirror.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.mirror.volume[0].id, "vol1");
+        assert_eq!(c.mirror.max_connections, 64);
+        let dup = "[[mirror.volume]]\nid = \"a\"\ndir = \"/x\"\nkey_file = \"/k\"\n";
+        assert!(Config::parse(&dup.repeat(2)).is_err());
+        let bad_id = "[[mirror.volume]]\nid = \"a/b\"\ndir = \"/x\"\nkey_file = \"/k\"\n";
+        assert!(Config::parse(bad_id).is_err());
+        assert!(Config::parse("[[mirror.volume]]\nid = \"a\"\ndir = \"/x\"\n").is_err());
+        assert!(Config::parse("[mirror]\nmax_connections = 0\n").is_err());
     }
 
     #[test]

@@ -5,5 +5,8 @@ pub mod apply;
 pub mod catalog;
 pub mod config;
 pub mod fs;
+pub mod mirror;
+pub mod proto;
+pub mod ship;
 pub mod tools;
 pub mod wal;

@@ -24,6 +24,12 @@ struct Cli {
 enum Cmd {
     /// Serve BACKING at MOUNTPOINT, logging every change to the WAL in --state.
     Mount(MountCmd),
+    /// Drain a state dir's WAL backlog to the mirror without a mount (after an
+    /// unmount or a crash); returns once the mirror has acknowledged it all.
+    Ship(ShipCmd),
+    /// Serve as the DR mirror: authenticate shippers and apply their WAL
+    /// batches to --dir (or to each [[mirror.volume]] of the config).
+    Mirror(MirrorCmd),
     /// Inspect the write-ahead log.
     #[command(subcommand)]
     Log(LogCmd),
@@ -41,10 +47,29 @@ struct MountCmd {
     /// TOML config file (see packaging/replfs.example.toml).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The DR mirror to ship the WAL to (`replfs mirror` listening there).
+    #[arg(long, value_name = "HOST:PORT")]
+    mirror: Option<String>,
+    /// File holding the secret shared with the mirror.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
     /// Stay in the foreground (systemd, tests); by default replfs daemonizes
     /// once the mount is live and logs to STATE/replfs.log.
     #[arg(short, long)]
     foreground: bool,
+}
+
+#[derive(Args)]
+struct ShipCmd {
+    #[arg(long)]
+    state: PathBuf,
+    /// Defaults to the mirror the last mount of this state dir shipped to.
+    #[arg(long, value_name = "HOST:PORT")]
+    mirror: Option<String>,
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -77,6 +102,25 @@ enum LogCmd {
     },
 }
 
+#[derive(Args)]
+struct MirrorCmd {
+    /// Address to listen on (overrides mirror.listen in the config).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// The replica directory of the volume "default" (needs --key-file).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Mirror state dir: catalog and positions (never inside a replica dir).
+    #[arg(long)]
+    state: PathBuf,
+    /// File holding the secret shared with the shipper of --dir.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// TOML config file ([mirror] section, [[mirror.volume]] list).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
@@ -92,6 +136,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Mount(m) => mount(m),
+        Cmd::Mirror(m) => mirror(m),
+        Cmd::Ship(s) => ship(s),
         Cmd::Log(LogCmd::Dump {
             state,
             from,
@@ -133,13 +179,61 @@ fn mount(m: MountCmd) -> Result<ExitCode> {
         return daemon::spawn(&m.state);
     }
     let ready = daemon::ready_fd();
+    let target = replfs::ship::resolve_target(&m.state, &config.ship, m.mirror, m.key_file, true)?;
+    if target.is_none() {
+        log::warn!(
+            "no mirror configured: changes are logged in {} but not shipped",
+            m.state.display()
+        );
+    }
     let args = replfs::fs::MountArgs {
         backing: m.backing,
         mountpoint: m.mountpoint,
         state: m.state,
         config,
+        target,
     };
     replfs::fs::serve(args, move || daemon::signal_ready(ready)).context("mount failed")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ship(s: ShipCmd) -> Result<ExitCode> {
+    let config = match &s.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let target = replfs::ship::resolve_target(&s.state, &config.ship, s.mirror, s.key_file, false)?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no mirror known for {}: use --mirror HOST:PORT",
+                s.state.display()
+            )
+        })?;
+    let (wal, _) = replfs::wal::Wal::open(&s.state, &config.wal)
+        .with_context(|| format!("cannot open the WAL in {}", s.state.display()))?;
+    wal.sync(wal.head_lsn())?;
+    let head = wal.head_lsn();
+    let addr = target.addr.clone();
+    let acked = replfs::ship::drain(&s.state, wal.clone(), target, config.ship.clone());
+    wal.close()?;
+    let acked = acked?;
+    println!("shipped: the mirror at {addr} has acknowledged LSN {acked} (head {head})");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mirror(m: MirrorCmd) -> Result<ExitCode> {
+    let config = match &m.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let opts = replfs::mirror::MirrorOptions::from_cli(
+        m.listen,
+        m.dir,
+        m.state,
+        m.key_file,
+        &config.mirror,
+    )?;
+    replfs::mirror::run(opts)?;
     Ok(ExitCode::SUCCESS)
 }
 

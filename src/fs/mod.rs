@@ -25,6 +25,8 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub state: PathBuf,
     pub config: Config,
+    /// The mirror to ship to, if any (without one the WAL only accumulates).
+    pub target: Option<crate::ship::Target>,
 }
 
 /// Refuses a state dir inside BACKING (its WAL would log itself) and the reverse.
@@ -89,6 +91,7 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
     }
     let (inflight, left) = inflight::Inflight::open(&args.state)?;
     mark_left_over(&wal, left)?;
+    let ship_wal = wal.clone();
     let core = Arc::new(ops::Core::new(&args.backing, wal, inflight, &args.config)?);
     let fs = fuse::ReplFs::new(core.clone(), args.config.mount.attr_timeout);
     let mut session = fuser::Session::new(fs, &args.mountpoint, &session_config(&args))
@@ -98,10 +101,17 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
         args.backing.display(),
         args.mountpoint.display()
     );
+    let shipper = args
+        .target
+        .clone()
+        .map(|t| crate::ship::Shipper::start(&args.state, ship_wal, t, args.config.ship.clone()));
     let unmounter = session.unmount_callable();
     spawn_signal_thread(sigs, unmounter, args.mountpoint.clone());
     on_mounted();
     let r = session.run();
+    if let Some(s) = shipper {
+        s.stop();
+    }
     // destroy() closes the WAL; close again in case the session ended without it.
     core.shutdown();
     r.context("FUSE session failed")?;

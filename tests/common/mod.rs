@@ -119,6 +119,28 @@ impl Mount {
         config: Option<&str>,
         env: &[(&str, &str)],
     ) -> Mount {
+        Self::start_full(backing, mnt, state, config, env, &[])
+    }
+
+    /// Mounts shipping to `mirror` with the key file `key`.
+    pub fn start_shipping(rig: &Rig, config: Option<&str>, mirror: &str, key: &Path) -> Mount {
+        let args = [
+            "--mirror".to_string(),
+            mirror.to_string(),
+            "--key-file".into(),
+            key.to_string_lossy().into(),
+        ];
+        Self::start_full(&rig.backing, &rig.mnt, &rig.state, config, &[], &args)
+    }
+
+    pub fn start_full(
+        backing: &Path,
+        mnt: &Path,
+        state: &Path,
+        config: Option<&str>,
+        env: &[(&str, &str)],
+        args: &[String],
+    ) -> Mount {
         let mut cmd = Command::new(BIN);
         cmd.envs(env.iter().copied());
         cmd.arg("mount")
@@ -126,7 +148,8 @@ impl Mount {
             .arg(mnt)
             .arg("--state")
             .arg(state)
-            .arg("-f");
+            .arg("-f")
+            .args(args);
         if let Some(text) = config {
             let cfg = state
                 .parent()
@@ -275,4 +298,208 @@ pub fn sh(dir: &Path, script: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a 32-byte key file (mode 0600) and returns its path.
+pub fn key_file(dir: &Path, name: &str, seed: u8) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    let key: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    std::fs::write(&p, key).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// A real `replfs mirror` process on 127.0.0.1.
+pub struct MirrorProc {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    pub key: PathBuf,
+}
+
+impl MirrorProc {
+    pub fn start(dir: &Path, state: &Path, key: &Path, port: u16) -> MirrorProc {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::create_dir_all(state).unwrap();
+        let child = Command::new(BIN)
+            .args(["mirror", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--state")
+            .arg(state)
+            .arg("--key-file")
+            .arg(key)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn replfs mirror");
+        let mut m = MirrorProc {
+            child: Some(child),
+            port,
+            dir: dir.to_path_buf(),
+            state: state.to_path_buf(),
+            key: key.to_path_buf(),
+        };
+        m.wait_listening();
+        m
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("replfs mirror exited before listening: {st}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mirror did not listen within 20s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM: the mirror must exit 0.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            assert_eq!(
+                wait_timeout(&mut c, Duration::from_secs(20)),
+                Some(0),
+                "mirror exit code"
+            );
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        *self = MirrorProc::start(&self.dir, &self.state, &self.key, self.port);
+    }
+}
+
+impl Drop for MirrorProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Waits until the trees are identical, or fails listing the differences.
+pub fn wait_converged(a: &Path, b: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let diffs = replfs::tools::compare_trees(a, b).expect("compare trees");
+        if diffs.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{} and {} did not converge within {timeout:?}:\n{}",
+                a.display(),
+                b.display(),
+                diffs
+                    .iter()
+                    .take(40)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 whose connections can be cut at will (a link
+/// that drops). Threads end when the proxy is dropped.
+pub struct Proxy {
+    pub port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Default::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c2, s2) = (conns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s2.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((down, _)) => {
+                        down.set_nonblocking(false).unwrap();
+                        let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                            continue;
+                        };
+                        let mut g = c2.lock().unwrap();
+                        g.push(down.try_clone().unwrap());
+                        g.push(up.try_clone().unwrap());
+                        drop(g);
+                        pump(down.try_clone().unwrap(), up.try_clone().unwrap());
+                        pump(up, down);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Proxy { port, conns, stop }
+    }
+
+    /// Cuts every open connection (both directions).
+    pub fn cut(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cut();
+    }
 }

@@ -246,4 +246,3 @@ pub fn mixed_workload(m: &Path) {
     // Directory metadata last, so nothing after it changes the directory.
     fs::set_permissions(m.join("a/b2/c"), fs::Permissions::from_mode(0o2750)).unwrap();
 }
-

@@ -1,0 +1,299 @@
+//! The mirror's network side: the accept loop, and one thread per
+//! connection that authenticates a shipper and applies its batches.
+
+use std::collections::HashMap;
+use std::io::BufReader;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use parking_lot::Mutex;
+
+use super::state::MirrorDb;
+use super::volume::{BatchError, Ctx, Volume};
+use crate::proto::{self, Key, Msg, ProtoError};
+
+/// Timeouts and limits of the server (see `MirrorOptions`).
+#[derive(Clone, Debug)]
+pub(super) struct Limits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub takeover_after: Duration,
+}
+
+/// Everything the connection threads share.
+pub(super) struct Shared {
+    pub limits: Limits,
+    pub volumes: HashMap<String, Arc<Volume>>,
+    pub keys: HashMap<String, Key>,
+    pub db: Mutex<MirrorDb>,
+    pub stop: AtomicBool,
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    active: AtomicUsize,
+    next_id: AtomicU64,
+    /// Held for the life of the server: one mirror per state dir.
+    _lock: std::fs::File,
+}
+
+impl Shared {
+    pub fn new(
+        limits: Limits,
+        volumes: HashMap<String, Arc<Volume>>,
+        keys: HashMap<String, Key>,
+        db: MirrorDb,
+        lock: std::fs::File,
+    ) -> Shared {
+        Shared {
+            limits,
+            volumes,
+            keys,
+            db: Mutex::new(db),
+            stop: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            _lock: lock,
+        }
+    }
+
+    /// Wakes every connection thread blocked on a read: each then finishes
+    /// or stops its batch, persists, and exits.
+    pub fn close_all(&self) {
+        for s in self.conns.lock().values() {
+            let _ = s.shutdown(Shutdown::Read);
+        }
+    }
+}
+
+/// Accepts until `shared.stop`, then closes the connections and joins them.
+pub(super) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut workers: Vec<JoinHandle<()>> = Vec::new();
+    while !shared.stop.load(Ordering::SeqCst) {
+        if !wait_readable(&listener, 200) {
+            continue;
+        }
+        match listener.accept() {
+            Ok((s, peer)) => {
+                if let Some(h) = start_conn(&shared, s, peer) {
+                    workers.push(h);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
+                warn!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        workers.retain(|h| !h.is_finished());
+    }
+    shared.close_all();
+    for h in workers {
+        let _ = h.join();
+    }
+}
+
+/// `poll` for an incoming connection, at most `ms` milliseconds.
+fn wait_readable(l: &TcpListener, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: l.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
+fn start_conn(shared: &Arc<Shared>, s: TcpStream, peer: SocketAddr) -> Option<JoinHandle<()>> {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_write_timeout(Some(shared.limits.write_timeout));
+    if shared.active.fetch_add(1, Ordering::SeqCst) >= shared.limits.max_connections {
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+        warn!(
+            "peer {peer}: refused, already {} connections",
+            shared.limits.max_connections
+        );
+        send_error(&s, "too many connections");
+        return None;
+    }
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    if let Ok(c) = s.try_clone() {
+        shared.conns.lock().insert(id, c);
+    }
+    let sh = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("mirror-conn-{id}"))
+        .spawn(move || {
+            serve(&sh, s, peer, id);
+            sh.conns.lock().remove(&id);
+            sh.active.fetch_sub(1, Ordering::SeqCst);
+        });
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!("peer {peer}: cannot start a connection thread: {e}");
+            shared.conns.lock().remove(&id);
+            shared.active.fetch_sub(1, Ordering::SeqCst);
+            None
+        }
+    }
+}
+
+fn send_error(mut s: &TcpStream, msg: &str) {
+    let _ = proto::write_msg(&mut s, &Msg::Error { msg: msg.into() });
+}
+
+/// One connection: handshake, claim the volume, then batches until closed.
+fn serve(shared: &Shared, mut s: TcpStream, peer: SocketAddr, id: u64) {
+    debug!("peer {peer}: connected (connection {id})");
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(shared.limits.handshake_timeout));
+    let key_for = |v: &str| shared.keys.get(v).cloned();
+    let vol_id = match proto::server_handshake(&mut s, &key_for) {
+        Ok(v) => v,
+        Err(e) => {
+            warn!("peer {peer}: handshake refused: {e}");
+            return;
+        }
+    };
+    let Some(vol) = shared.volumes.get(&vol_id) else {
+        send_error(&s, "authentication failed");
+        return;
+    };
+    if shared.stop.load(Ordering::SeqCst) {
+        send_error(&s, "mirror shutting down");
+        return;
+    }
+    let claim = match vol.claim(id, peer, &s, shared.limits.takeover_after) {
+        Ok(c) => c,
+        Err(why) => {
+            warn!("peer {peer} volume {vol_id}: refused: {why}");
+            send_error(&s, "volume busy");
+            return;
+        }
+    };
+    let applied = vol.applied();
+    if let Err(e) = shared.db.lock().set_peer(&vol_id, &peer.to_string()) {
+        warn!("volume {vol_id}: {e:#}");
+    }
+    info!("peer {peer} volume {vol_id}: authenticated; applied LSN {applied}");
+    if let Err(e) = proto::write_msg(&mut &s, &Msg::Ready { applied }) {
+        warn!("peer {peer} volume {vol_id}: cannot send Ready: {e}");
+        return;
+    }
+    let _ = s.set_read_timeout(Some(shared.limits.idle_timeout));
+    let cx = Ctx {
+        peer,
+        db: &shared.db,
+        alive: &claim.alive,
+        shutdown: &shared.stop,
+    };
+    session(vol, &s, &cx);
+}
+
+/// The message loop of an authenticated connection.
+fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>) {
+    let (peer, v) = (cx.peer, &vol.id);
+    let mut rd = BufReader::with_capacity(256 << 10, s);
+    loop {
+        let msg = match proto::read_msg(&mut rd) {
+            Ok(m) => m,
+            Err(e) => return read_failed(vol, s, cx, e),
+        };
+        cx.alive.touch();
+        let reply = match msg {
+            Msg::Batch(b) => match vol.apply_batch(&b, cx) {
+                Ok(lsn) => {
+                    debug!(
+                        "peer {peer} volume {v}: batch of {} records applied, ack LSN {lsn}",
+                        b.records.len()
+                    );
+                    Msg::Ack { lsn }
+                }
+                Err(e) => return batch_failed(vol, s, cx, &b, e),
+            },
+            Msg::Ping => Msg::Pong,
+            Msg::Pong => continue,
+            Msg::Error { msg } => {
+                info!("peer {peer} volume {v}: shipper closed the connection: {msg}");
+                return;
+            }
+            other @ (Msg::Ack { .. } | Msg::Ready { .. }) => {
+                warn!(
+                    "peer {peer} volume {v}: protocol error: {} from a shipper; closing",
+                    other.name()
+                );
+                send_error(s, &format!("unexpected {} message", other.name()));
+                return;
+            }
+        };
+        if let Err(e) = proto::write_msg(&mut &*s, &reply) {
+            warn!("peer {peer} volume {v}: cannot send {}: {e}", reply.name());
+            return;
+        }
+    }
+}
+
+fn read_failed(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, e: ProtoError) {
+    let (peer, v) = (cx.peer, &vol.id);
+    let applied = vol.applied();
+    match e {
+        ProtoError::Closed if cx.shutdown.load(Ordering::SeqCst) => {
+            info!("peer {peer} volume {v}: closed for shutdown at applied LSN {applied}");
+            send_error(s, "mirror shutting down");
+        }
+        ProtoError::Closed => {
+            info!("peer {peer} volume {v}: disconnected at applied LSN {applied}")
+        }
+        e if e.is_timeout() => {
+            warn!(
+                "peer {peer} volume {v}: no frame for {} s; closing (applied LSN {applied})",
+                idle_secs(s)
+            );
+            send_error(s, "idle timeout");
+        }
+        ProtoError::Io(e) => {
+            warn!("peer {peer} volume {v}: connection lost at applied LSN {applied}: {e}")
+        }
+        e => {
+            warn!("peer {peer} volume {v}: bad frame after applied LSN {applied}: {e}; closing");
+            send_error(s, &format!("bad frame: {e}"));
+        }
+    }
+}
+
+fn idle_secs(s: &TcpStream) -> u64 {
+    s.read_timeout().ok().flatten().map_or(0, |d| d.as_secs())
+}
+
+fn batch_failed(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, b: &proto::Batch, e: BatchError) {
+    let (peer, v) = (cx.peer, &vol.id);
+    let first = b.records.first().map_or(0, |r| r.lsn);
+    let last = b.last_lsn().unwrap_or(0);
+    match &e {
+        BatchError::Stopped(lsn) => {
+            info!("peer {peer} volume {v}: batch LSN {first}..{last} stopped at applied LSN {lsn}")
+        }
+        BatchError::Gap { .. } => warn!("peer {peer} volume {v}: refused batch: {e}"),
+        BatchError::Apply(a) if a.raw_os_error().is_some() => {
+            warn!("peer {peer} volume {v}: apply failed (mirror-side OS error): {e}")
+        }
+        BatchError::Apply(_) => warn!(
+            "peer {peer} volume {v}: REFUSED record in batch LSN {first}..{last}: {e}; closing"
+        ),
+        BatchError::Persist(_) => {
+            warn!("peer {peer} volume {v}: cannot persist the position: {e}")
+        }
+    }
+    let msg = match &e {
+        BatchError::Stopped(_) => "mirror shutting down".to_string(),
+        other => other.to_string(),
+    };
+    send_error(s, &msg);
+}

@@ -1,0 +1,333 @@
+//! One replicated volume on the mirror: its apply engine, its persisted
+//! position, and which shipper currently owns it.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use log::{info, warn};
+use parking_lot::Mutex;
+
+use super::state::{MirrorDb, Position, PositionFile};
+use crate::apply::{Applier, ApplyError, display_path};
+use crate::proto::Batch;
+use crate::wal::{Lsn, Op, Record};
+
+/// A volume served by this mirror.
+pub(super) struct Volume {
+    pub id: String,
+    pub dir: PathBuf,
+    inner: Mutex<Inner>,
+    session: Mutex<Option<Session>>,
+}
+
+struct Inner {
+    applier: Applier,
+    pos: PositionFile,
+    applied: Lsn,
+    applied_time_ns: i64,
+    /// An exchange that a previous run may or may not have applied.
+    exchange_in_doubt: Option<Lsn>,
+}
+
+/// The connection that currently owns a volume.
+struct Session {
+    conn: u64,
+    peer: SocketAddr,
+    stream: TcpStream,
+    alive: Arc<Liveness>,
+}
+
+/// Shared between a connection thread and the volume's session slot.
+pub(super) struct Liveness {
+    /// Milliseconds since [`epoch`] at the last frame or applied record.
+    last: AtomicU64,
+    /// Set to make the owner stop between two records (takeover, shutdown).
+    pub stop: AtomicBool,
+}
+
+fn epoch() -> Instant {
+    static E: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *E.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+impl Liveness {
+    fn new() -> Arc<Liveness> {
+        Arc::new(Liveness {
+            last: AtomicU64::new(now_ms()),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    pub fn touch(&self) {
+        self.last.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn idle(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.last.load(Ordering::Relaxed)))
+    }
+}
+
+/// Why a batch was not (fully) applied; the connection is closed after it.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum BatchError {
+    #[error("expected LSN {expected}, the batch starts at LSN {got}")]
+    Gap { expected: Lsn, got: Lsn },
+    #[error("cannot apply {0}")]
+    Apply(ApplyError),
+    #[error("{0:#}")]
+    Persist(anyhow::Error),
+    #[error("stopped after LSN {0} (mirror shutting down or volume taken over)")]
+    Stopped(Lsn),
+}
+
+/// Who is applying, for the log.
+pub(super) struct Ctx<'a> {
+    pub peer: SocketAddr,
+    pub db: &'a Mutex<MirrorDb>,
+    pub alive: &'a Liveness,
+    pub shutdown: &'a AtomicBool,
+}
+
+/// Returned by [`Volume::claim`]; releases the volume when dropped.
+pub(super) struct Claim {
+    vol: Arc<Volume>,
+    conn: u64,
+    pub alive: Arc<Liveness>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut s = self.vol.session.lock();
+        if s.as_ref().is_some_and(|s| s.conn == self.conn) {
+            *s = None;
+        }
+    }
+}
+
+impl Volume {
+    /// Opens the volume's apply root and position; the position is the
+    /// larger of the catalog's and the position file's.
+    pub fn open(id: &str, dir: &Path, state: &Path, db: &MirrorDb) -> Result<Volume> {
+        let applier = Applier::open(dir)?;
+        db.ensure_volume(id, &dir.display().to_string())?;
+        let row = db.volume(id)?;
+        let (cat_lsn, cat_time) = row.map_or((0, 0), |r| (r.applied_lsn, r.applied_time_ns));
+        let (pos, from_file) = PositionFile::open(state, id)?;
+        let file = from_file.unwrap_or_default();
+        let (applied, applied_time_ns) = if file.applied > cat_lsn {
+            info!(
+                "volume {id}: position file is ahead of the catalog ({} > {cat_lsn}): \
+                 the last run stopped inside a batch",
+                file.applied
+            );
+            (file.applied, file.time_ns)
+        } else {
+            (cat_lsn, cat_time)
+        };
+        let exchange_in_doubt =
+            (file.applied == applied && file.exchange == applied + 1).then_some(file.exchange);
+        pos.write(Position {
+            applied,
+            time_ns: applied_time_ns,
+            exchange: exchange_in_doubt.unwrap_or(0),
+        })?;
+        info!(
+            "volume {id}: serving {} at applied LSN {applied}",
+            dir.display()
+        );
+        Ok(Volume {
+            id: id.to_owned(),
+            dir: dir.to_path_buf(),
+            inner: Mutex::new(Inner {
+                applier,
+                pos,
+                applied,
+                applied_time_ns,
+                exchange_in_doubt,
+            }),
+            session: Mutex::new(None),
+        })
+    }
+
+    /// The applied LSN (waits for a batch in progress).
+    pub fn applied(&self) -> Lsn {
+        self.inner.lock().applied
+    }
+
+    /// Makes connection `conn` the volume's only shipper. A current owner
+    /// silent for at least `takeover_after` is presumed dead: its socket is
+    /// shut down and it stops between two records. Otherwise `Err` names it.
+    pub fn claim(
+        self: &Arc<Self>,
+        conn: u64,
+        peer: SocketAddr,
+        stream: &TcpStream,
+        takeover_after: Duration,
+    ) -> Result<Claim, String> {
+        let mut slot = self.session.lock();
+        if let Some(old) = slot.as_ref() {
+            let idle = old.alive.idle();
+            if idle < takeover_after {
+                return Err(format!(
+                    "volume {} is busy: shipper {} is connected (active {} ms ago)",
+                    self.id,
+                    old.peer,
+                    idle.as_millis()
+                ));
+            }
+            warn!(
+                "volume {}: peer {peer} takes over from {} (silent for {} s)",
+                self.id,
+                old.peer,
+                idle.as_secs()
+            );
+            old.alive.stop.store(true, Ordering::SeqCst);
+            let _ = old.stream.shutdown(std::net::Shutdown::Both);
+        }
+        let alive = Liveness::new();
+        let stream = stream
+            .try_clone()
+            .map_err(|e| format!("cannot clone the socket: {e}"))?;
+        *slot = Some(Session {
+            conn,
+            peer,
+            stream,
+            alive: alive.clone(),
+        });
+        Ok(Claim {
+            vol: self.clone(),
+            conn,
+            alive,
+        })
+    }
+
+    /// Applies a batch in LSN order, skipping records already applied, and
+    /// persists the position: syncfs, fsync of the position file, catalog.
+    /// Returns the LSN to acknowledge.
+    pub fn apply_batch(&self, batch: &Batch, cx: &Ctx<'_>) -> Result<Lsn, BatchError> {
+        let mut inner = self.inner.lock();
+        let start = inner.applied + 1;
+        let first = batch.records.first().map_or(start, |r| r.lsn);
+        if first > start {
+            return Err(BatchError::Gap {
+                expected: start,
+                got: first,
+            });
+        }
+        let mut result = Ok(());
+        for rec in batch.records.iter().filter(|r| r.lsn >= start) {
+            if cx.alive.stop.load(Ordering::SeqCst) || cx.shutdown.load(Ordering::SeqCst) {
+                result = Err(BatchError::Stopped(inner.applied));
+                break;
+            }
+            if let Err(e) = self.apply_one(&mut inner, rec, cx) {
+                result = Err(e);
+                break;
+            }
+            cx.alive.touch();
+        }
+        let persisted = self.persist(&inner, cx);
+        result.and(persisted).map(|()| inner.applied)
+    }
+
+    fn apply_one(&self, inner: &mut Inner, rec: &Record, cx: &Ctx<'_>) -> Result<(), BatchError> {
+        let doubt = inner.exchange_in_doubt.take() == Some(rec.lsn);
+        match &rec.op {
+            Op::Resync { path, reason } => {
+                warn!(
+                    "volume {} peer {} LSN {}: {} needs resync from the source: {reason}",
+                    self.id,
+                    cx.peer,
+                    rec.lsn,
+                    display_path(path)
+                );
+                let db = cx.db.lock();
+                db.add_resync(&self.id, path, reason, rec.lsn)
+                    .map_err(BatchError::Persist)?;
+            }
+            Op::Rename {
+                from, to, flags, ..
+            } if flags & libc::RENAME_EXCHANGE != 0 => {
+                if doubt {
+                    self.exchange_in_doubt(rec.lsn, from, to, cx)?;
+                } else {
+                    inner
+                        .pos
+                        .write(Position {
+                            applied: inner.applied,
+                            time_ns: inner.applied_time_ns,
+                            exchange: rec.lsn,
+                        })
+                        .map_err(BatchError::Persist)?;
+                    inner.applier.apply(rec).map_err(BatchError::Apply)?;
+                }
+            }
+            _ => inner.applier.apply(rec).map_err(BatchError::Apply)?,
+        }
+        inner.applied = rec.lsn;
+        inner.applied_time_ns = rec.time_ns;
+        inner
+            .pos
+            .write(Position {
+                applied: rec.lsn,
+                time_ns: rec.time_ns,
+                exchange: 0,
+            })
+            .map_err(BatchError::Persist)
+    }
+
+    /// A previous run was killed while applying this exchange: re-applying
+    /// it would swap the names back if it had happened, so it is not
+    /// applied again and both names are recorded as needing resync.
+    fn exchange_in_doubt(
+        &self,
+        lsn: Lsn,
+        from: &[u8],
+        to: &[u8],
+        cx: &Ctx<'_>,
+    ) -> Result<(), BatchError> {
+        let reason = "RENAME_EXCHANGE interrupted by a mirror crash: may or may not be applied";
+        warn!(
+            "volume {} LSN {lsn}: {} <-> {}: {reason}; recorded for resync",
+            self.id,
+            display_path(from),
+            display_path(to)
+        );
+        let db = cx.db.lock();
+        for p in [from, to] {
+            db.add_resync(&self.id, p, reason, lsn)
+                .map_err(BatchError::Persist)?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything applied durable, then records the position.
+    fn persist(&self, inner: &Inner, cx: &Ctx<'_>) -> Result<(), BatchError> {
+        let io = |what: &str, e: std::io::Error| {
+            BatchError::Persist(anyhow::anyhow!("{what} of {}: {e}", self.dir.display()))
+        };
+        inner.applier.sync().map_err(|e| io("syncfs", e))?;
+        inner.pos.sync().map_err(BatchError::Persist)?;
+        let now = crate::wal::segment::now_ns();
+        cx.db
+            .lock()
+            .set_applied(&self.id, inner.applied, inner.applied_time_ns, now)
+            .map_err(BatchError::Persist)
+    }
+}
+
+#[cfg(test)]
+pub(super) fn test_liveness() -> Liveness {
+    Liveness {
+        last: AtomicU64::new(now_ms()),
+        stop: AtomicBool::new(false),
+    }
+}

@@ -1,0 +1,297 @@
+//! The wire protocol between the shipper and `replfs mirror`: frames,
+//! messages, batches and the handshake — the one encoder and decoder of it.
+//!
+//! Specified as tables in `docs/protocol.md`; keep the two in step. Records
+//! inside a batch are WAL record frames (`docs/wal-format.md`) produced and
+//! checked by `wal::codec`, so there is exactly one codec for ops.
+
+mod batch;
+mod handshake;
+mod key;
+#[cfg(test)]
+mod tests;
+
+use std::io::{self, Read, Write};
+
+use crate::wal::{Lsn, Record};
+
+pub use batch::{BATCH_HEADER_LEN, FLAG_BATCH_LZ4, MAX_BATCH_RAW, WIRE_SALT, record_wire_len};
+pub use handshake::{
+    HANDSHAKE_MAX, MAGIC, NONCE_LEN, PROOF_LEN, check_volume_id, client_handshake, server_handshake,
+};
+pub use key::{Key, MIN_KEY_LEN};
+
+/// Protocol version spoken by this build (both ends must speak the same).
+pub const PROTO_VERSION: u16 = 1;
+/// Hard limit on one frame's payload (a batch's uncompressed record section
+/// is limited to [`MAX_BATCH_RAW`]).
+pub const MAX_FRAME: usize = 32 << 20;
+/// Bytes before every payload: `u32 payload_len`, `u8 type`.
+pub const FRAME_HEADER_LEN: usize = 5;
+/// Longest error text carried by an `Error` message (longer text is cut).
+pub const MAX_ERROR_LEN: usize = 1024;
+/// Longest volume id.
+pub const MAX_VOLUME_ID_LEN: usize = 64;
+
+/// Frame type codes (table in `docs/protocol.md`).
+pub mod frame_type {
+    pub const HELLO: u8 = 1;
+    pub const CHALLENGE: u8 = 2;
+    pub const AUTH: u8 = 3;
+    pub const READY: u8 = 4;
+    pub const ERROR: u8 = 5;
+    pub const PING: u8 = 6;
+    pub const PONG: u8 = 7;
+    pub const BATCH: u8 = 8;
+    pub const ACK: u8 = 9;
+}
+use frame_type as t;
+
+/// Why a frame could not be sent, read or accepted.
+#[derive(thiserror::Error, Debug)]
+pub enum ProtoError {
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed the connection cleanly between two frames.
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("frame payload of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("authentication failed: {0}")]
+    AuthFailed(String),
+    #[error("protocol version mismatch: we speak {ours}, the peer {theirs}")]
+    Version { ours: u16, theirs: u16 },
+    /// The peer sent an `Error` message.
+    #[error("refused by the peer: {0}")]
+    Refused(String),
+    /// What we were asked to send is not valid (a caller bug, not the peer's).
+    #[error("cannot encode: {0}")]
+    Encode(String),
+}
+
+impl ProtoError {
+    /// Did a read or write time out (socket timeout expired)?
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ProtoError::Io(e)
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    }
+}
+
+fn malformed<T>(msg: impl Into<String>) -> Result<T, ProtoError> {
+    Err(ProtoError::Malformed(msg.into()))
+}
+
+/// A run of records with consecutive LSNs (shipper -> mirror).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub records: Vec<Record>,
+}
+
+impl Batch {
+    /// LSN of the last record (`None` when empty).
+    pub fn last_lsn(&self) -> Option<Lsn> {
+        self.records.last().map(|r| r.lsn)
+    }
+}
+
+/// A message after the handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    /// shipper -> mirror: records to apply.
+    Batch(Batch),
+    /// mirror -> shipper: every record <= `lsn` is applied and persisted.
+    Ack {
+        lsn: Lsn,
+    },
+    /// mirror -> shipper after the handshake: resume from `applied + 1`.
+    Ready {
+        applied: Lsn,
+    },
+    /// Either way: why the sender is closing the connection.
+    Error {
+        msg: String,
+    },
+    /// Keepalive; the mirror answers `Pong`.
+    Ping,
+    Pong,
+}
+
+impl Msg {
+    /// Short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Batch(_) => "Batch",
+            Msg::Ack { .. } => "Ack",
+            Msg::Ready { .. } => "Ready",
+            Msg::Error { .. } => "Error",
+            Msg::Ping => "Ping",
+            Msg::Pong => "Pong",
+        }
+    }
+}
+
+/// Appends a frame header with a placeholder length; [`seal_frame`] fills it.
+fn start_frame(out: &mut Vec<u8>, ty: u8) {
+    out.extend_from_slice(&[0, 0, 0, 0, ty]);
+}
+
+fn seal_frame(out: &mut [u8], max: usize) -> Result<(), ProtoError> {
+    let len = out.len() - FRAME_HEADER_LEN;
+    if len > max {
+        return Err(ProtoError::TooLarge { len, max });
+    }
+    out[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Encodes `m` as one whole frame (header and payload).
+pub fn encode_msg(m: &Msg) -> Result<Vec<u8>, ProtoError> {
+    let mut out = Vec::with_capacity(64);
+    match m {
+        Msg::Batch(b) => {
+            start_frame(&mut out, t::BATCH);
+            batch::encode(b, &mut out)?;
+        }
+        Msg::Ack { lsn } => {
+            start_frame(&mut out, t::ACK);
+            out.extend_from_slice(&lsn.to_le_bytes());
+        }
+        Msg::Ready { applied } => {
+            start_frame(&mut out, t::READY);
+            out.extend_from_slice(&applied.to_le_bytes());
+        }
+        Msg::Error { msg } => {
+            start_frame(&mut out, t::ERROR);
+            out.extend_from_slice(truncate_utf8(msg, MAX_ERROR_LEN).as_bytes());
+        }
+        Msg::Ping => start_frame(&mut out, t::PING),
+        Msg::Pong => start_frame(&mut out, t::PONG),
+    }
+    seal_frame(&mut out, MAX_FRAME)?;
+    Ok(out)
+}
+
+/// Sends one message; returns the bytes put on the wire. Batches are
+/// encoded with the WAL codec and lz4-compressed when that saves >= 1/8.
+/// Fails with `Encode` for an empty or non-contiguous batch or an invalid
+/// record, and `TooLarge` when the batch exceeds [`MAX_FRAME`].
+pub fn write_msg(w: &mut impl Write, m: &Msg) -> Result<u64, ProtoError> {
+    let frame = encode_msg(m)?;
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(frame.len() as u64)
+}
+
+/// Reads one message. Never panics; checks the length against
+/// [`MAX_FRAME`] before reading the payload (and the buffer grows only as
+/// bytes arrive); validates batches fully (see `docs/protocol.md`).
+/// A clean close before the first byte of a frame is [`ProtoError::Closed`].
+pub fn read_msg(r: &mut impl Read) -> Result<Msg, ProtoError> {
+    let (ty, payload) = read_frame(r, MAX_FRAME)?;
+    decode_msg(ty, &payload)
+}
+
+/// Decodes the payload of a frame of type `ty` (handshake types are refused).
+pub fn decode_msg(ty: u8, p: &[u8]) -> Result<Msg, ProtoError> {
+    match ty {
+        t::BATCH => Ok(Msg::Batch(batch::decode(p)?)),
+        t::ACK => Ok(Msg::Ack {
+            lsn: u64_payload(p, "Ack")?,
+        }),
+        t::READY => Ok(Msg::Ready {
+            applied: u64_payload(p, "Ready")?,
+        }),
+        t::ERROR => Ok(Msg::Error {
+            msg: error_text(p)?,
+        }),
+        t::PING | t::PONG if !p.is_empty() => malformed("Ping/Pong with a payload"),
+        t::PING => Ok(Msg::Ping),
+        t::PONG => Ok(Msg::Pong),
+        t::HELLO | t::CHALLENGE | t::AUTH => {
+            malformed(format!("handshake frame type {ty} after the handshake"))
+        }
+        _ => malformed(format!("unknown frame type {ty}")),
+    }
+}
+
+fn u64_payload(p: &[u8], what: &str) -> Result<u64, ProtoError> {
+    match <[u8; 8]>::try_from(p) {
+        Ok(b) => Ok(u64::from_le_bytes(b)),
+        Err(_) => malformed(format!("{what} payload of {} bytes, expected 8", p.len())),
+    }
+}
+
+fn error_text(p: &[u8]) -> Result<String, ProtoError> {
+    if p.len() > MAX_ERROR_LEN {
+        return Err(ProtoError::TooLarge {
+            len: p.len(),
+            max: MAX_ERROR_LEN,
+        });
+    }
+    Ok(String::from_utf8_lossy(p).into_owned())
+}
+
+/// The longest prefix of `s` of at most `max` bytes ending on a char boundary.
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Reads a frame header and a payload of at most `max` bytes.
+pub(crate) fn read_frame(r: &mut impl Read, max: usize) -> Result<(u8, Vec<u8>), ProtoError> {
+    let mut hdr = [0u8; FRAME_HEADER_LEN];
+    read_header(r, &mut hdr)?;
+    let len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as usize;
+    if len > max {
+        return Err(ProtoError::TooLarge { len, max });
+    }
+    // Grow with the bytes that actually arrive: a peer that announces a big
+    // frame and sends nothing costs no memory.
+    let mut payload = Vec::with_capacity(len.min(64 << 10));
+    let got = r.take(len as u64).read_to_end(&mut payload)?;
+    if got != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame cut after {got} of {len} payload bytes"),
+        )
+        .into());
+    }
+    Ok((hdr[4], payload))
+}
+
+/// Like `read_exact`, but a close before the first byte is `Closed`.
+fn read_header(r: &mut impl Read, hdr: &mut [u8; FRAME_HEADER_LEN]) -> Result<(), ProtoError> {
+    let mut n = 0;
+    while n < hdr.len() {
+        match r.read(&mut hdr[n..]) {
+            Ok(0) if n == 0 => return Err(ProtoError::Closed),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("frame header cut after {n} bytes"),
+                )
+                .into());
+            }
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Writes one raw frame (handshake messages).
+pub(crate) fn write_frame(w: &mut impl Write, ty: u8, payload: &[u8]) -> Result<(), ProtoError> {
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
+    start_frame(&mut out, ty);
+    out.extend_from_slice(payload);
+    seal_frame(&mut out, MAX_FRAME)?;
+    w.write_all(&out)?;
+    w.flush()?;
+    Ok(())
+}

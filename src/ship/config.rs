@@ -1,0 +1,86 @@
+//! The `[ship]` section of the config: where the mirror is and how to talk to it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{de_duration, de_size};
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShipConfig {
+    /// The mirror's HOST:PORT (`--mirror` on the command line wins).
+    pub mirror: Option<String>,
+    /// The shared secret (`--key-file` wins).
+    pub key_file: Option<PathBuf>,
+    /// Volume id announced to the mirror (a mirror may serve several).
+    pub volume: String,
+    /// Upper bound of one batch's record bytes before compression.
+    #[serde(deserialize_with = "de_size")]
+    pub batch_bytes: u64,
+    /// Upper bound of records in one batch.
+    pub batch_records: usize,
+    /// Batches sent before waiting for an acknowledgement.
+    pub window: usize,
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// A link silent for this long (no ack, no pong) is dropped and redialled.
+    #[serde(deserialize_with = "de_duration")]
+    pub io_timeout: Duration,
+    /// Ping an idle link this often.
+    #[serde(deserialize_with = "de_duration")]
+    pub keepalive: Duration,
+    /// Reconnect backoff: starts here, doubles, capped at `max_backoff`.
+    #[serde(deserialize_with = "de_duration")]
+    pub min_backoff: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub max_backoff: Duration,
+    /// How often an idle shipper looks for new records.
+    #[serde(deserialize_with = "de_duration")]
+    pub poll_interval: Duration,
+}
+
+impl Default for ShipConfig {
+    fn default() -> Self {
+        ShipConfig {
+            mirror: None,
+            key_file: None,
+            volume: "default".into(),
+            batch_bytes: 1 << 20,
+            batch_records: 4096,
+            window: 4,
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(60),
+            keepalive: Duration::from_secs(15),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(2),
+        }
+    }
+}
+
+impl ShipConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        if self.batch_bytes < 4096 || self.batch_bytes > (16 << 20) {
+            bail!("ship.batch_bytes must be between 4KiB and 16MiB");
+        }
+        if self.window == 0 || self.window > 64 {
+            bail!("ship.window must be between 1 and 64");
+        }
+        if self.batch_records == 0 || self.batch_records > 65536 {
+            bail!("ship.batch_records must be between 1 and 65536");
+        }
+        if self.volume.is_empty() || self.volume.len() > 255 {
+            bail!("ship.volume must be 1 to 255 bytes");
+        }
+        if self.min_backoff.is_zero() || self.min_backoff > self.max_backoff {
+            bail!("ship.min_backoff must be > 0 and <= ship.max_backoff");
+        }
+        if self.keepalive >= self.io_timeout {
+            bail!("ship.keepalive must be shorter than ship.io_timeout");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,419 @@
+//! The shipper: drains the WAL to a `replfs mirror` from the position the
+//! mirror acknowledged, in order, over a connection it re-establishes with
+//! capped exponential backoff. The backlog stays on disk: memory holds at most
+//! `window` batches of at most `batch_bytes` each.
+
+pub mod config;
+pub mod tail;
+
+use std::collections::VecDeque;
+use std::io::{BufWriter, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use log::{info, warn};
+use parking_lot::Mutex;
+
+pub use config::ShipConfig;
+use tail::Tail;
+
+use crate::proto::{self, Batch, Key, Msg};
+use crate::wal::{Lsn, Wal, WalError};
+
+/// Where the link stands, for status and logs.
+#[derive(Clone, Debug, Default)]
+pub struct LinkState {
+    pub connected: bool,
+    /// When the current state began (Unix seconds).
+    pub since: i64,
+    pub last_error: Option<String>,
+}
+
+/// Figures the shipper keeps up to date.
+#[derive(Debug, Default)]
+pub struct ShipStats {
+    pub acked_lsn: AtomicU64,
+    pub sent_lsn: AtomicU64,
+    pub wire_bytes: AtomicU64,
+    pub link: Mutex<LinkState>,
+}
+
+/// What the shipper needs to reach the mirror.
+#[derive(Clone)]
+pub struct Target {
+    pub addr: String,
+    pub volume: String,
+    pub key: Arc<Key>,
+}
+
+/// A shipper thread running inside `replfs mount`.
+pub struct Shipper {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub stats: Arc<ShipStats>,
+}
+
+impl Shipper {
+    pub fn start(state: &Path, wal: Wal, target: Target, cfg: ShipConfig) -> Shipper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(ShipStats::default());
+        let ctx = Ctx {
+            state: state.to_path_buf(),
+            wal,
+            target,
+            cfg,
+            stop: stop.clone(),
+            stats: stats.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("shipper".into())
+            .spawn(move || ctx.run(Mode::Follow))
+            .expect("spawning the shipper thread");
+        Shipper {
+            stop,
+            thread: Some(thread),
+            stats,
+        }
+    }
+
+    /// Stops shipping; what is not acknowledged stays in the WAL for later.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `replfs ship`: ships the backlog until the mirror has acknowledged the
+/// head of the WAL, retrying broken links, then returns.
+pub fn drain(state: &Path, wal: Wal, target: Target, cfg: ShipConfig) -> Result<Lsn> {
+    let stats = Arc::new(ShipStats::default());
+    let ctx = Ctx {
+        state: state.to_path_buf(),
+        wal,
+        target,
+        cfg,
+        stop: Arc::new(AtomicBool::new(false)),
+        stats: stats.clone(),
+    };
+    ctx.run(Mode::Drain);
+    let acked = stats.acked_lsn.load(Ordering::Acquire);
+    let head = ctx.wal.head_lsn();
+    if acked < head {
+        bail!("the mirror acknowledged LSN {acked} of {head}");
+    }
+    Ok(acked)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Follow the live WAL until stopped.
+    Follow,
+    /// Ship up to the head, then return.
+    Drain,
+}
+
+enum Outcome {
+    Stopped,
+    Drained,
+}
+
+struct Ctx {
+    state: PathBuf,
+    wal: Wal,
+    target: Target,
+    cfg: ShipConfig,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ShipStats>,
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Ctx {
+    fn run(&self, mode: Mode) {
+        let mut backoff = self.cfg.min_backoff;
+        let mut last_err = String::new();
+        while !self.stop.load(Ordering::Acquire) {
+            match self.session(mode) {
+                Ok(Outcome::Stopped | Outcome::Drained) => return,
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if msg != last_err {
+                        warn!(
+                            "link to mirror {} (volume {}): {msg}; retrying",
+                            self.target.addr, self.target.volume
+                        );
+                        last_err = msg.clone();
+                    }
+                    self.set_link(false, Some(msg));
+                }
+            }
+            self.sleep(backoff);
+            backoff = (backoff * 2).min(self.cfg.max_backoff);
+        }
+    }
+
+    fn sleep(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stop.load(Ordering::Acquire) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
+        }
+    }
+
+    fn set_link(&self, connected: bool, err: Option<String>) {
+        let mut l = self.stats.link.lock();
+        if l.connected != connected || l.since == 0 {
+            l.since = now_secs();
+        }
+        l.connected = connected;
+        if err.is_some() || connected {
+            l.last_error = err.or(l.last_error.take());
+        }
+    }
+
+    fn connect(&self) -> Result<TcpStream> {
+        let addrs: Vec<_> = self
+            .target
+            .addr
+            .to_socket_addrs()
+            .with_context(|| format!("cannot resolve {}", self.target.addr))?
+            .collect();
+        let mut last = anyhow!("{} resolves to no address", self.target.addr);
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, self.cfg.connect_timeout) {
+                Ok(s) => {
+                    s.set_nodelay(true)?;
+                    return Ok(s);
+                }
+                Err(e) => last = anyhow!("cannot connect to {a}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    /// One connection: handshake, then stream batches and collect acks.
+    fn session(&self, mode: Mode) -> Result<Outcome> {
+        let mut stream = self.connect()?;
+        stream.set_read_timeout(Some(self.cfg.io_timeout))?;
+        stream.set_write_timeout(Some(self.cfg.io_timeout))?;
+        let applied = proto::client_handshake(&mut stream, &self.target.volume, &self.target.key)?;
+        let head = self.wal.head_lsn();
+        if applied > head {
+            bail!(
+                "the mirror has applied LSN {applied} but this WAL ends at {head}: is it paired with another source?"
+            );
+        }
+        info!(
+            "connected to mirror {} (volume {}), resuming after LSN {applied}",
+            self.target.addr, self.target.volume
+        );
+        self.set_link(true, None);
+        self.acked(applied);
+        let tail = match Tail::open(&self.state, applied + 1) {
+            Err(WalError::NotRetained { lsn, oldest }) => bail!(
+                "the mirror needs LSN {lsn} but the WAL starts at {oldest}: a baseline copy is needed"
+            ),
+            r => r?,
+        };
+        let acks = spawn_ack_reader(stream.try_clone()?);
+        let r = self.stream(&mut stream, tail, &acks, mode);
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        r
+    }
+
+    fn acked(&self, lsn: Lsn) {
+        self.stats.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
+        if let Err(e) = self.wal.retire(lsn) {
+            warn!("retiring WAL segments up to LSN {lsn}: {e}");
+        }
+    }
+
+    fn stream(
+        &self,
+        stream: &mut TcpStream,
+        mut tail: Tail,
+        acks: &Receiver<Result<Lsn, String>>,
+        mode: Mode,
+    ) -> Result<Outcome> {
+        let mut out = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
+        let mut in_flight: VecDeque<Lsn> = VecDeque::new();
+        let mut last_io = Instant::now();
+        let mut idle_polls = 0u32;
+        let mut durable_seen = (self.wal.durable_lsn(), Instant::now());
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(Outcome::Stopped);
+            }
+            let mut sent = false;
+            while in_flight.len() < self.cfg.window {
+                let limit = self.wal.durable_lsn();
+                let batch = self.next_batch(&mut tail, limit)?;
+                let Some(last) = batch.records.last().map(|r| r.lsn) else {
+                    break;
+                };
+                let n = proto::write_msg(&mut out, &Msg::Batch(batch))?;
+                self.stats.wire_bytes.fetch_add(n, Ordering::Relaxed);
+                self.stats.sent_lsn.store(last, Ordering::Release);
+                in_flight.push_back(last);
+                sent = true;
+            }
+            if sent {
+                out.flush()?;
+                last_io = Instant::now();
+                idle_polls = 0;
+            } else if in_flight.is_empty() {
+                self.nudge_durability(&mut durable_seen)?;
+                if mode == Mode::Drain
+                    && self.stats.acked_lsn.load(Ordering::Acquire) >= self.wal.head_lsn()
+                {
+                    return Ok(Outcome::Drained);
+                }
+                idle_polls += 1;
+                if idle_polls % 200 == 0 {
+                    tail.check_stuck(self.wal.durable_lsn())?;
+                }
+                if last_io.elapsed() > self.cfg.keepalive {
+                    proto::write_msg(&mut out, &Msg::Ping)?;
+                    out.flush()?;
+                    last_io = Instant::now();
+                }
+            }
+            let wait = if in_flight.is_empty() {
+                self.cfg.poll_interval
+            } else {
+                Duration::from_millis(200)
+            };
+            match acks.recv_timeout(wait) {
+                Ok(Ok(lsn)) => {
+                    while in_flight.front().is_some_and(|&l| l <= lsn) {
+                        in_flight.pop_front();
+                    }
+                    self.acked(lsn);
+                }
+                Ok(Err(msg)) => bail!("{msg}"),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => bail!("the mirror closed the connection"),
+            }
+        }
+    }
+
+    /// Only durable records are shipped. With `durability = "os"` nothing
+    /// syncs the WAL on its own, so records waiting for longer than 100 ms get
+    /// a group commit from here.
+    fn nudge_durability(&self, seen: &mut (Lsn, Instant)) -> Result<()> {
+        let durable = self.wal.durable_lsn();
+        if durable != seen.0 {
+            *seen = (durable, Instant::now());
+        } else if self.wal.head_lsn() > durable && seen.1.elapsed() > Duration::from_millis(100) {
+            self.wal.sync(self.wal.head_lsn())?;
+            *seen = (self.wal.durable_lsn(), Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Up to `batch_bytes` of records, none beyond `limit` (only durable
+    /// records leave the source: a machine crash cannot un-write them).
+    fn next_batch(&self, tail: &mut Tail, limit: Lsn) -> Result<Batch> {
+        let mut records = Vec::new();
+        let mut bytes = 0u64;
+        while bytes < self.cfg.batch_bytes
+            && records.len() < self.cfg.batch_records
+            && tail.next_lsn() <= limit
+        {
+            match tail.next()? {
+                Some(r) => {
+                    bytes += proto::record_wire_len(&r.op)? as u64;
+                    records.push(r);
+                }
+                None => break,
+            }
+        }
+        Ok(Batch { records })
+    }
+}
+
+/// Reads the mirror's messages: acks go to the channel; an error or a closed
+/// connection ends it.
+fn spawn_ack_reader(stream: TcpStream) -> Receiver<Result<Lsn, String>> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::Builder::new()
+        .name("ship-acks".into())
+        .spawn(move || {
+            let mut r = std::io::BufReader::new(stream);
+            loop {
+                let m = proto::read_msg(&mut r);
+                let sent = match m {
+                    Ok(Msg::Ack { lsn }) => tx.send(Ok(lsn)),
+                    Ok(Msg::Pong) | Ok(Msg::Ping) => Ok(()),
+                    Ok(Msg::Error { msg }) => {
+                        let _ = tx.send(Err(format!("the mirror refused: {msg}")));
+                        return;
+                    }
+                    Ok(_) => {
+                        let _ = tx.send(Err("unexpected message from the mirror".into()));
+                        return;
+                    }
+                    Err(e) => {
+                        if !matches!(e, proto::ProtoError::Closed) {
+                            let _ = tx.send(Err(format!("reading from the mirror: {e}")));
+                        }
+                        return;
+                    }
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawning the ack reader");
+    rx
+}
+
+/// Works out where to ship: the command line wins over the config file,
+/// which wins over what the last `replfs mount` of this state dir used
+/// (kept in the catalog so `replfs ship --state DIR` needs nothing else).
+pub fn resolve_target(
+    state: &Path,
+    cfg: &ShipConfig,
+    mirror: Option<String>,
+    key_file: Option<PathBuf>,
+    remember: bool,
+) -> Result<Option<Target>> {
+    let cat = crate::catalog::Catalog::open(state)
+        .with_context(|| format!("cannot open the catalog in {}", state.display()))?;
+    let mirror = match mirror.or_else(|| cfg.mirror.clone()) {
+        Some(m) => Some(m),
+        None => cat.get("ship.mirror")?,
+    };
+    let Some(addr) = mirror else { return Ok(None) };
+    let key_file = match key_file.or_else(|| cfg.key_file.clone()) {
+        Some(k) => k,
+        None => cat
+            .get("ship.key_file")?
+            .map(PathBuf::from)
+            .ok_or_else(|| anyhow!("shipping to {addr} needs the shared key: --key-file FILE"))?,
+    };
+    let key = Key::load(&key_file)?;
+    if remember {
+        let abs = std::path::absolute(&key_file).unwrap_or(key_file.clone());
+        cat.set("ship.mirror", &addr)?;
+        cat.set("ship.key_file", &abs.to_string_lossy())?;
+    }
+    Ok(Some(Target {
+        addr,
+        volume: cfg.volume.clone(),
+        key: Arc::new(key),
+    }))
+}

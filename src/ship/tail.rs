@@ -1,0 +1,89 @@
+//! Follows a live WAL from a position: the shipper's reader. Built on the one
+//! segment scanner, so it checks every frame exactly as recovery does.
+
+use std::path::{Path, PathBuf};
+
+use crate::wal::reader::SegmentScanner;
+use crate::wal::segment::{self, list_segments};
+use crate::wal::{Lsn, Record, WalError};
+
+/// A cursor on the WAL that yields records in LSN order and, at the end of
+/// the written data, waits for the writer instead of treating it as the end.
+pub struct Tail {
+    dir: PathBuf,
+    scanner: SegmentScanner,
+}
+
+impl Tail {
+    /// Positions the cursor on record `from`. Fails with
+    /// [`WalError::NotRetained`] when that record was already retired.
+    pub fn open(state: &Path, from: Lsn) -> Result<Tail, WalError> {
+        let dir = segment::wal_dir(state);
+        let segs = list_segments(&dir)?;
+        let oldest = segs.first().map(|(l, _)| *l).unwrap_or(1);
+        if from < oldest {
+            return Err(WalError::NotRetained { lsn: from, oldest });
+        }
+        let (_, path) = segs
+            .iter()
+            .rev()
+            .find(|(first, _)| *first <= from)
+            .ok_or(WalError::NotRetained { lsn: from, oldest })?;
+        let mut scanner = SegmentScanner::open(path)?;
+        while scanner.next_lsn() < from {
+            if scanner.next_frame()?.is_none() {
+                // `from` is not written yet: wait at the end of the data.
+                scanner.refresh();
+                break;
+            }
+        }
+        Ok(Tail { dir, scanner })
+    }
+
+    /// LSN of the next record this cursor yields.
+    pub fn next_lsn(&self) -> Lsn {
+        self.scanner.next_lsn()
+    }
+
+    /// When records up to `durable` are known to be complete but the cursor
+    /// finds none at its position: corruption, reported with segment and offset.
+    pub fn check_stuck(&mut self, durable: Lsn) -> Result<(), WalError> {
+        if durable >= self.next_lsn() {
+            self.scanner.refresh();
+            if self.scanner.next_frame()?.is_none() {
+                self.scanner.classify_end(true)?;
+                return Err(WalError::Corrupt {
+                    path: self.scanner.path().to_path_buf(),
+                    offset: self.scanner.position(),
+                    reason: format!("record {} is durable but cannot be read", self.next_lsn()),
+                });
+            }
+            // It was readable after all: step back is impossible, so reopen.
+            let state = self.dir.parent().map(Path::to_path_buf).unwrap_or_default();
+            *self = Tail::open(&state, self.next_lsn() - 1)?;
+        }
+        Ok(())
+    }
+
+    /// The next record, or `None` when none is written yet.
+    pub fn next(&mut self) -> Result<Option<Record>, WalError> {
+        loop {
+            let path = self.scanner.path().to_path_buf();
+            if let Some(frame) = self.scanner.next_frame()? {
+                return frame.decode(&path).map(Some);
+            }
+            // End of data here: the writer may have moved to the next segment.
+            let next = self
+                .dir
+                .join(segment::segment_file_name(self.scanner.next_lsn()));
+            if next.exists() && next != self.scanner.path() {
+                // The segment must end cleanly before the next one takes over.
+                self.scanner.classify_end(false)?;
+                self.scanner = SegmentScanner::open(&next)?;
+                continue;
+            }
+            self.scanner.refresh();
+            return Ok(None);
+        }
+    }
+}

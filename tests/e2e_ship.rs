@@ -1,0 +1,268 @@
+//! Replication end to end: a real mount ships its WAL to a real `replfs
+//! mirror` on 127.0.0.1; the mirror copy must become identical to BACKING,
+//! through kills of the mirror, of the mount, and dropped links
+//! (DESIGN.md invariants 4 and 5).
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::workload::{mixed_workload, pattern};
+use common::*;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+struct Pair {
+    rig: Rig,
+    key: PathBuf,
+    mirror: MirrorProc,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let rig = Rig::new();
+        fs::set_permissions(&rig.backing, fs::Permissions::from_mode(0o755)).unwrap();
+        let key = key_file(rig.tmp.path(), "key", 7);
+        let mdir = rig.path("mirror-dir");
+        fs::create_dir_all(&mdir).unwrap();
+        fs::set_permissions(&mdir, fs::Permissions::from_mode(0o755)).unwrap();
+        let mirror = MirrorProc::start(&mdir, &rig.path("mirror-state"), &key, free_port());
+        Pair { rig, key, mirror }
+    }
+
+    fn mount(&self, via: &str) -> Mount {
+        Mount::start_shipping(&self.rig, None, via, &self.key)
+    }
+}
+
+/// A steady writer in the background: files created, rewritten, renamed and
+/// removed, bounded in count and time. Returns the number of files written.
+fn background_writer(
+    mnt: PathBuf,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for i in 0..3000u64 {
+            if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                break;
+            }
+            let d = mnt.join(format!("d{}", i % 10));
+            let _ = fs::create_dir_all(&d);
+            let r = fs::write(
+                d.join(format!("f{}", i % 37)),
+                pattern(1000 + (i as usize * 997) % 60_000, i),
+            );
+            if r.is_err() {
+                break;
+            }
+            if i % 5 == 0 {
+                let _ = fs::rename(
+                    d.join(format!("f{}", i % 37)),
+                    d.join(format!("r{}", i % 11)),
+                );
+            }
+            if i % 13 == 0 {
+                let _ = fs::remove_file(d.join(format!("r{}", i % 7)));
+            }
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+}
+
+fn wait_progress(done: &AtomicU64, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.load(Ordering::Relaxed) < at_least && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn workload_converges_on_the_mirror_and_lag_is_measured() {
+    let p = Pair::new();
+    let m = p.mount(&p.mirror.addr());
+    mixed_workload(&p.rig.mnt);
+    wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
+    // End-to-end lag on loopback, unthrottled: write, then poll the mirror.
+    let mut lags = Vec::new();
+    for i in 0..20 {
+        let body = format!("lag probe {i}");
+        let start = Instant::now();
+        fs::write(p.rig.mnt.join(format!("probe{i}")), &body).unwrap();
+        let target = p.mirror.dir.join(format!("probe{i}"));
+        while fs::read_to_string(&target).ok().as_deref() != Some(&body) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "probe {i} never reached the mirror"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        lags.push(start.elapsed());
+    }
+    lags.sort();
+    println!(
+        "end-to-end lag on loopback: p50 {:?}, max {:?} over {} probes",
+        lags[lags.len() / 2],
+        lags[lags.len() - 1],
+        lags.len()
+    );
+    m.unmount();
+    wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
+}
+
+#[test]
+fn mirror_killed_mid_stream_converges() {
+    let mut p = Pair::new();
+    let m = p.mount(&p.mirror.addr());
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let w = background_writer(p.rig.mnt.clone(), stop.clone(), done.clone());
+    for round in 1..=3 {
+        wait_progress(&done, round * 300);
+        p.mirror.restart();
+    }
+    w.join().unwrap();
+    wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
+    m.unmount();
+    p.mirror.stop();
+}
+
+#[test]
+fn dropped_links_lose_nothing() {
+    let p = Pair::new();
+    let proxy = Proxy::start(p.mirror.port);
+    let m = p.mount(&proxy.addr());
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let w = background_writer(p.rig.mnt.clone(), stop.clone(), done.clone());
+    for round in 1..=5 {
+        wait_progress(&done, round * 200);
+        proxy.cut();
+    }
+    w.join().unwrap();
+    wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
+    m.unmount();
+}
+
+/// Paths the source logged as needing resync (changes in flight at a crash).
+fn resync_paths(rig: &Rig) -> Vec<String> {
+    rig.dump()
+        .iter()
+        .filter(|r| r["op"] == "resync")
+        .map(|r| r["path"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// After a crash of the mount, everything converges except, at most, the
+/// paths logged as needing resync (resolved by the baseline machinery).
+fn assert_converged_except_resync(rig: &Rig, mirror: &Path) {
+    let marked = resync_paths(rig);
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let diffs = replfs::tools::compare_trees(&rig.backing, mirror).unwrap();
+        let unexplained: Vec<&String> = diffs
+            .iter()
+            .filter(|d| {
+                !marked
+                    .iter()
+                    .any(|m| !m.is_empty() && d.contains(m.as_str()))
+            })
+            .collect();
+        if unexplained.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not converged (resync-marked: {marked:?}):\n{unexplained:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn mount_killed_mid_stream_then_ship_drains_the_backlog() {
+    let mut p = Pair::new();
+    let m = p.mount(&p.mirror.addr());
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let w = background_writer(p.rig.mnt.clone(), stop.clone(), done.clone());
+    wait_progress(&done, 400);
+    // Stop the mirror so a backlog builds up, then kill the mount with it.
+    p.mirror.kill9();
+    wait_progress(&done, 800);
+    m.kill9();
+    stop.store(true, Ordering::Relaxed);
+    w.join().unwrap();
+    // A remount logs in-flight paths for resync; unmount again, leaving the backlog.
+    let m = p.mount(&p.mirror.addr());
+    m.unmount();
+    p.mirror.restart();
+    let out = replfs(&["ship", "--state", p.rig.state.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "replfs ship: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("acknowledged"));
+    assert_converged_except_resync(&p.rig, &p.mirror.dir);
+}
+
+#[test]
+fn remount_resumes_shipping_from_the_acked_position() {
+    let mut p = Pair::new();
+    let m = p.mount(&p.mirror.addr());
+    fs::write(p.rig.mnt.join("one"), b"first").unwrap();
+    wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
+    m.unmount();
+    p.mirror.stop();
+    // Changes while the mirror is down stay in the WAL ...
+    let m = p.mount(&p.mirror.addr());
+    fs::write(p.rig.mnt.join("two"), pattern(200_000, 2)).unwrap();
+    fs::remove_file(p.rig.mnt.join("one")).unwrap();
+    m.unmount();
+    // ... and reach the mirror when it is back, with the next mount.
+    p.mirror.restart();
+    let m = p.mount(&p.mirror.addr());
+    wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
+    m.unmount();
+}
+
+#[test]
+fn a_wrong_key_is_refused() {
+    let p = Pair::new();
+    let wrong = key_file(p.rig.tmp.path(), "wrong-key", 99);
+    let m = Mount::start_shipping(&p.rig, None, &p.mirror.addr(), &wrong);
+    fs::write(p.rig.mnt.join("secret"), b"must not arrive").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !p.mirror.dir.join("secret").exists(),
+        "nothing reaches a mirror that refused the key"
+    );
+    m.unmount();
+    // With the right key the backlog goes through.
+    let out = replfs(&[
+        "ship",
+        "--state",
+        p.rig.state.to_str().unwrap(),
+        "--key-file",
+        p.key.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
+}
