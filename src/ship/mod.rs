@@ -332,7 +332,7 @@ impl Ctx {
             && records.len() < self.cfg.batch_records
             && tail.next_lsn() <= limit
         {
-            match tail.next()? {
+            match tail.next_record()? {
                 Some(r) => {
                     bytes += proto::record_wire_len(&r.op)? as u64;
                     records.push(r);

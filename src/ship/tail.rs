@@ -66,7 +66,7 @@ impl Tail {
     }
 
     /// The next record, or `None` when none is written yet.
-    pub fn next(&mut self) -> Result<Option<Record>, WalError> {
+    pub fn next_record(&mut self) -> Result<Option<Record>, WalError> {
         loop {
             let path = self.scanner.path().to_path_buf();
             if let Some(frame) = self.scanner.next_frame()? {
