@@ -309,14 +309,16 @@ impl Ctx {
         }
     }
 
-    /// Only durable records are shipped. With `durability = "os"` nothing
-    /// syncs the WAL on its own, so records waiting for longer than 100 ms get
-    /// a group commit from here.
+    /// Only durable records are shipped (a machine crash of the source cannot
+    /// un-write what the mirror applied). An idle shipper with records waiting
+    /// to become durable asks for the group commit at once instead of waiting
+    /// for the batch timer (or forever, with `durability = "os"`): the lag is
+    /// then one fdatasync, not a timer period.
     fn nudge_durability(&self, seen: &mut (Lsn, Instant)) -> Result<()> {
         let durable = self.wal.durable_lsn();
         if durable != seen.0 {
             *seen = (durable, Instant::now());
-        } else if self.wal.head_lsn() > durable && seen.1.elapsed() > Duration::from_millis(100) {
+        } else if self.wal.head_lsn() > durable && seen.1.elapsed() >= self.cfg.poll_interval {
             self.wal.sync(self.wal.head_lsn())?;
             *seen = (self.wal.durable_lsn(), Instant::now());
         }
