@@ -304,6 +304,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses_to_the_defaults() {
+        let text = include_str!("../packaging/replfs.example.toml");
+        let c = Config::parse(text).unwrap();
+        assert_eq!(
+            c,
+            Config::default(),
+            "packaging/replfs.example.toml shows the defaults"
+        );
+    }
+
+    #[test]
     fn bad_values_are_rejected() {
         assert!(Config::parse("[wal]\ndurability = \"sometimes\"\n").is_err());
         assert!(Config::parse("[wal]\nsegment_size = \"1KiB\"\n").is_err());

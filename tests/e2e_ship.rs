@@ -266,3 +266,64 @@ fn a_wrong_key_is_refused() {
     );
     wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
 }
+
+#[test]
+fn one_mirror_serves_several_volumes_and_acked_segments_are_retired() {
+    let (a, b) = (Rig::new(), Rig::new());
+    let base = a.tmp.path();
+    let (ka, kb) = (key_file(base, "ka", 1), key_file(base, "kb", 2));
+    let (da, db) = (base.join("dr-a"), base.join("dr-b"));
+    for d in [&a.backing, &b.backing, &da, &db] {
+        fs::create_dir_all(d).unwrap();
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let cfg = base.join("mirror.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[[mirror.volume]]\nid = \"alpha\"\ndir = \"{}\"\nkey_file = \"{}\"\n\n\
+             [[mirror.volume]]\nid = \"beta\"\ndir = \"{}\"\nkey_file = \"{}\"\n",
+            da.display(),
+            ka.display(),
+            db.display(),
+            kb.display()
+        ),
+    )
+    .unwrap();
+    let mirror = MirrorProc::start_config(&base.join("mirror-state"), &cfg, free_port());
+    // Small segments so that shipping 24 MiB rolls several of them.
+    let src_cfg =
+        |vol: &str| format!("[wal]\nsegment_size = \"4MiB\"\n[ship]\nvolume = \"{vol}\"\n");
+    let ma = Mount::start_shipping(&a, Some(&src_cfg("alpha")), &mirror.addr(), &ka);
+    let mb = Mount::start_shipping(&b, Some(&src_cfg("beta")), &mirror.addr(), &kb);
+    for i in 0..12 {
+        fs::write(a.mnt.join(format!("a{i}")), pattern(2 << 20, i)).unwrap();
+        fs::write(b.mnt.join(format!("b{i}")), pattern(100_000, i + 100)).unwrap();
+    }
+    wait_converged(&a.backing, &da, CONVERGE);
+    wait_converged(&b.backing, &db, CONVERGE);
+    // The mirror acknowledged everything: all but the live segment are gone.
+    let segs = |state: &Path| {
+        fs::read_dir(state.join("wal"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "wal")
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segs(&a.state) > 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        segs(&a.state) <= 2,
+        "acked segments are retired ({} left)",
+        segs(&a.state)
+    );
+    ma.unmount();
+    mb.unmount();
+}

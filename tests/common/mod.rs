@@ -332,16 +332,31 @@ pub struct MirrorProc {
 
 impl MirrorProc {
     pub fn start(dir: &Path, state: &Path, key: &Path, port: u16) -> MirrorProc {
-        std::fs::create_dir_all(dir).unwrap();
+        let args = [
+            "--dir".to_string(),
+            dir.to_string_lossy().into(),
+            "--key-file".into(),
+            key.to_string_lossy().into(),
+        ];
+        Self::start_args(dir, state, key, port, &args)
+    }
+
+    /// A mirror serving the volumes of a config file (no `--dir`).
+    pub fn start_config(state: &Path, config: &Path, port: u16) -> MirrorProc {
+        let args = ["--config".to_string(), config.to_string_lossy().into()];
+        Self::start_args(Path::new(""), state, Path::new(""), port, &args)
+    }
+
+    fn start_args(dir: &Path, state: &Path, key: &Path, port: u16, args: &[String]) -> MirrorProc {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).unwrap();
+        }
         std::fs::create_dir_all(state).unwrap();
         let child = Command::new(BIN)
             .args(["mirror", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--dir")
-            .arg(dir)
             .arg("--state")
             .arg(state)
-            .arg("--key-file")
-            .arg(key)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .spawn()
