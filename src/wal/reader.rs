@@ -249,6 +249,27 @@ impl SegmentScanner {
         Ok(SegmentEnd::Torn { offset: x, end })
     }
 
+    /// After [`Self::classify_end`] reported damage at [`Self::position`]:
+    /// moves to the next frame of this segment that fully validates (right
+    /// salt, LSN at or after the expected one) and returns its offset and
+    /// LSN, or `None` when none follows. `log verify` resynchronises this way
+    /// to report every run of damage; [`Self::info`] is not meaningful after.
+    pub fn skip_damage(&mut self) -> Result<Option<(u64, Lsn)>, WalError> {
+        let Some(at) = self.find_valid_frame(self.pos + 1)? else {
+            return Ok(None);
+        };
+        let raw = self
+            .rd
+            .bytes(at, FRAME_HEADER_LEN)
+            .map_err(io_err("read", &self.path))?;
+        let Some(h) = FrameHeader::parse(raw) else {
+            return Ok(None);
+        };
+        self.pos = at;
+        self.next_lsn = h.lsn;
+        Ok(Some((at, h.lsn)))
+    }
+
     /// First (or last) non-zero byte at or after `from`.
     fn nonzero(&mut self, from: u64, first: bool) -> Result<Option<u64>, WalError> {
         let mut off = from;
@@ -287,12 +308,28 @@ impl SegmentScanner {
                 .bytes(off, CHUNK + FRAME_HEADER_LEN)
                 .map_err(io_err("read", &self.path))?;
             let span = w.len().saturating_sub(FRAME_HEADER_LEN - 1).clamp(1, CHUNK);
-            let candidates: Vec<(u64, FrameHeader)> = (0..span)
-                .filter_map(|i| FrameHeader::parse(&w[i..]).map(|h| (off + i as u64, h)))
-                .filter(|(_, h)| {
-                    h.lsn >= self.next_lsn && h.lsn - self.next_lsn < (1 << 32) && h.check().is_ok()
-                })
-                .collect();
+            let mut candidates: Vec<(u64, FrameHeader)> = Vec::new();
+            let mut i = 0;
+            while i < span {
+                // No frame has a zero length: skip the zeros of a preallocated
+                // tail without parsing a header at every offset.
+                match w[i..].iter().position(|&b| b != 0) {
+                    None => break,
+                    Some(k) if k > 3 => i += k - 3,
+                    Some(_) => {}
+                }
+                if i >= span {
+                    break;
+                }
+                if let Some(h) = FrameHeader::parse(&w[i..])
+                    && h.lsn >= self.next_lsn
+                    && h.lsn - self.next_lsn < (1 << 32)
+                    && h.check().is_ok()
+                {
+                    candidates.push((off + i as u64, h));
+                }
+                i += 1;
+            }
             for (at, h) in candidates {
                 let stored = self
                     .rd

@@ -305,6 +305,11 @@ impl Wal {
     }
 
     /// Every record up to this LSN is on stable storage.
+    /// The segment being written, with the bytes used in it so far.
+    pub fn current_segment(&self) -> crate::catalog::SegmentRow {
+        self.inner.shared.current_row()
+    }
+
     pub fn durable_lsn(&self) -> Lsn {
         self.inner.shared.durable.load(Acquire)
     }

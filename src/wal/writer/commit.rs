@@ -229,7 +229,7 @@ impl Shared {
         let mut gone = Vec::new();
         for pair in list.windows(2) {
             let ((first, path), (next_first, _)) = (&pair[0], &pair[1]);
-            if *first >= current || next_first - 1 > upto {
+            if *first >= current || next_first - 1 > upto || self.within_retention(path) {
                 break;
             }
             std::fs::remove_file(path).map_err(io_err("remove", path))?;
@@ -244,6 +244,19 @@ impl Shared {
             cat.remove_segment(*first)?;
         }
         Ok(gone.into_iter().map(|g| g.1).collect())
+    }
+
+    /// A segment last written less than `retain` ago is kept (point-in-time
+    /// replay reaches back that far). An unreadable mtime keeps it too.
+    fn within_retention(&self, path: &Path) -> bool {
+        if self.cfg.retain.is_zero() {
+            return false;
+        }
+        let age = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        age.is_none_or(|a| a < self.cfg.retain)
     }
 
     /// Asks the threads to stop and joins them (no final sync: `close` does that).

@@ -485,3 +485,24 @@ fn wal_and_reader_are_send_and_sync() {
     check::<Wal>();
     check::<WalReader>();
 }
+
+#[test]
+fn retention_keeps_acknowledged_segments_for_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(Durability::Batch);
+    c.retain = std::time::Duration::from_secs(3600);
+    let (wal, _) = open(dir.path(), &c);
+    for i in 1..=20 {
+        wal.append(&write_op(i, 600 << 10)).unwrap();
+    }
+    wal.sync(20).unwrap();
+    assert!(
+        wal.retire(20).unwrap().is_empty(),
+        "inside the retention window"
+    );
+    wal.close().unwrap();
+    drop(wal);
+    let c = cfg(Durability::Batch);
+    let (wal, _) = open(dir.path(), &c);
+    assert!(!wal.retire(20).unwrap().is_empty(), "no retention: retired");
+}
