@@ -49,6 +49,11 @@ pub struct WalConfig {
     #[serde(deserialize_with = "de_size")]
     pub compress_min: u64,
     pub on_wal_full: OnWalFull,
+    /// Acknowledged segments are kept at least this long after their last
+    /// write, so `log replay` can reach back that far (point-in-time
+    /// recovery); 0 = retire as soon as the mirror acknowledged them.
+    #[serde(with = "humantime_serde_compat")]
+    pub retain: Duration,
 }
 
 impl Default for WalConfig {
@@ -59,6 +64,7 @@ impl Default for WalConfig {
             segment_size: 64 << 20,
             compress_min: 0,
             on_wal_full: OnWalFull::Fail,
+            retain: Duration::ZERO,
         }
     }
 }
@@ -152,6 +158,7 @@ pub struct Config {
     #[serde(default)]
     pub mirror: MirrorConfig,
     pub ship: crate::ship::ShipConfig,
+    pub throttle: crate::ship::throttle::ThrottleConfig,
 }
 
 impl Config {
@@ -180,6 +187,7 @@ impl Config {
         }
         self.mirror.validate()?;
         self.ship.validate()?;
+        self.throttle.validate()?;
         if self.wal.sync_interval.is_zero() {
             bail!("wal.sync_interval must be greater than zero");
         }

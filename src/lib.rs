@@ -4,9 +4,12 @@
 pub mod apply;
 pub mod catalog;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod fs;
 pub mod mirror;
 pub mod proto;
 pub mod ship;
+pub mod status;
 pub mod tools;
 pub mod wal;

@@ -30,6 +30,21 @@ enum Cmd {
     /// Serve as the DR mirror: authenticate shippers and apply their WAL
     /// batches to --dir (or to each [[mirror.volume]] of the config).
     Mirror(MirrorCmd),
+    /// Link, positions, lag (records, bytes, seconds), ship rate, throttle,
+    /// WAL disk use: from the running daemon, or from disk when none runs.
+    Status {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or change the shipping throttle of a running mount or ship, live.
+    Throttle {
+        #[arg(long)]
+        state: PathBuf,
+        #[command(subcommand)]
+        action: ThrottleCmd,
+    },
     /// Inspect the write-ahead log.
     #[command(subcommand)]
     Log(LogCmd),
@@ -73,6 +88,21 @@ struct ShipCmd {
 }
 
 #[derive(Subcommand)]
+enum ThrottleCmd {
+    /// The rate and burst in force, and why (live setting, schedule window, default).
+    Show,
+    /// Override the config and schedule until `clear`: RATE like 2MiB/s,
+    /// 100Mbit/s or unlimited.
+    Set {
+        rate: String,
+        #[arg(long)]
+        burst: Option<String>,
+    },
+    /// Drop the live override: the config and its schedule apply again.
+    Clear,
+}
+
+#[derive(Subcommand)]
 enum LogCmd {
     /// List records: a table, or one JSON object per line with --json.
     Dump {
@@ -99,6 +129,25 @@ enum LogCmd {
         /// Replay into a non-empty directory.
         #[arg(long)]
         force: bool,
+    },
+    /// Check every segment completely and list every problem (exit 1 if any
+    /// error, warnings such as a torn tail allowed).
+    Verify {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change rate, busiest directories, coalescing saving and the link
+    /// bandwidth needed for an RPO, from the retained log.
+    Stats {
+        #[arg(long)]
+        state: PathBuf,
+        /// Recovery point objective, e.g. 30s, 15m (default), 1h.
+        #[arg(long)]
+        rpo: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -138,6 +187,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Mount(m) => mount(m),
         Cmd::Mirror(m) => mirror(m),
         Cmd::Ship(s) => ship(s),
+        Cmd::Status { state, json } => status(&state, json),
+        Cmd::Throttle { state, action } => throttle(&state, action),
         Cmd::Log(LogCmd::Dump {
             state,
             from,
@@ -166,6 +217,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{r}");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Log(LogCmd::Verify { state, json }) => {
+            let report = replfs::tools::verify(&state)?;
+            print!(
+                "{}",
+                if json {
+                    report.to_json()
+                } else {
+                    report.render()
+                }
+            );
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Log(LogCmd::Stats { state, rpo, json }) => {
+            let rpo = replfs::tools::parse_rpo(rpo.as_deref())?;
+            let report = replfs::tools::stats(&state, rpo)?;
+            print!(
+                "{}",
+                if json {
+                    report.to_json()
+                } else {
+                    report.render()
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -192,6 +272,7 @@ fn mount(m: MountCmd) -> Result<ExitCode> {
         state: m.state,
         config,
         target,
+        config_path: m.config.clone(),
     };
     replfs::fs::serve(args, move || daemon::signal_ready(ready)).context("mount failed")?;
     Ok(ExitCode::SUCCESS)
@@ -209,15 +290,70 @@ fn ship(s: ShipCmd) -> Result<ExitCode> {
                 s.state.display()
             )
         })?;
+    let sigs = replfs::daemon::block_signals()?;
     let (wal, _) = replfs::wal::Wal::open(&s.state, &config.wal)
         .with_context(|| format!("cannot open the WAL in {}", s.state.display()))?;
     wal.sync(wal.head_lsn())?;
     let head = wal.head_lsn();
     let addr = target.addr.clone();
-    let acked = replfs::ship::drain(&s.state, wal.clone(), target, config.ship.clone());
+    let mut services = replfs::daemon::Services::start(
+        &s.state,
+        &wal,
+        &config,
+        s.config.clone(),
+        Some(target),
+        true,
+    )?;
+    let stop = services.ship_stop_flag();
+    replfs::daemon::spawn_signal_thread(sigs, services.reloader(), move || {
+        if let Some(f) = &stop {
+            f.store(true, std::sync::atomic::Ordering::Release);
+        }
+        true
+    });
+    let acked = services.wait_drained().unwrap_or(0);
+    services.stop();
     wal.close()?;
-    let acked = acked?;
+    if acked < head {
+        anyhow::bail!("stopped: the mirror at {addr} acknowledged LSN {acked} of {head}");
+    }
     println!("shipped: the mirror at {addr} has acknowledged LSN {acked} (head {head})");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(state: &std::path::Path, json: bool) -> Result<ExitCode> {
+    use replfs::control::{Request, request};
+    let st: replfs::status::Status = match request(state, &Request::Status)? {
+        Some(v) => serde_json::from_value(v).context("bad status from the daemon")?,
+        None => replfs::status::offline(state)?,
+    };
+    if json {
+        println!("{}", serde_json::to_string(&st)?);
+    } else {
+        print!("{}", replfs::status::render(&st));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn throttle(state: &std::path::Path, action: ThrottleCmd) -> Result<ExitCode> {
+    use replfs::control::{Request, request};
+    let req = match action {
+        ThrottleCmd::Show => Request::ThrottleShow,
+        ThrottleCmd::Set { rate, burst } => Request::ThrottleSet { rate, burst },
+        ThrottleCmd::Clear => Request::ThrottleClear,
+    };
+    let v = request(state, &req)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no replfs mount or ship is running on {} (nothing to throttle)",
+            state.display()
+        )
+    })?;
+    println!(
+        "throttle: {} burst {} ({})",
+        v["rate"].as_str().unwrap_or("?"),
+        v["burst"],
+        v["reason"].as_str().unwrap_or("?")
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -27,6 +27,8 @@ pub struct MountArgs {
     pub config: Config,
     /// The mirror to ship to, if any (without one the WAL only accumulates).
     pub target: Option<crate::ship::Target>,
+    /// The config file, re-read on SIGHUP.
+    pub config_path: Option<PathBuf>,
 }
 
 /// Refuses a state dir inside BACKING (its WAL would log itself) and the reverse.
@@ -70,7 +72,7 @@ pub fn check_layout(backing: &Path, mountpoint: &Path, state: &Path) -> Result<(
 /// SIGINT), then flushes the WAL. `on_mounted` runs once the mount is live.
 pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
     check_layout(&args.backing, &args.mountpoint, &args.state)?;
-    let sigs = block_signals()?;
+    let sigs = crate::daemon::block_signals()?;
     let (wal, report) = Wal::open(&args.state, &args.config.wal)
         .with_context(|| format!("cannot open the WAL in {}", args.state.display()))?;
     info!(
@@ -101,17 +103,29 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
         args.backing.display(),
         args.mountpoint.display()
     );
-    let shipper = args
-        .target
-        .clone()
-        .map(|t| crate::ship::Shipper::start(&args.state, ship_wal, t, args.config.ship.clone()));
-    let unmounter = session.unmount_callable();
-    spawn_signal_thread(sigs, unmounter, args.mountpoint.clone());
+    let services = crate::daemon::Services::start(
+        &args.state,
+        &ship_wal,
+        &args.config,
+        args.config_path.clone(),
+        args.target.clone(),
+        false,
+    )?;
+    let mut unmounter = session.unmount_callable();
+    let mnt = args.mountpoint.clone();
+    crate::daemon::spawn_signal_thread(sigs, services.reloader(), move || {
+        info!("unmounting {}", mnt.display());
+        match unmounter.unmount() {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("unmount of {} failed: {e}", mnt.display());
+                false
+            }
+        }
+    });
     on_mounted();
     let r = session.run();
-    if let Some(s) = shipper {
-        s.stop();
-    }
+    services.stop();
     // destroy() closes the WAL; close again in case the session ended without it.
     core.shutdown();
     r.context("FUSE session failed")?;
@@ -156,46 +170,4 @@ fn session_config(args: &MountArgs) -> fuser::Config {
     c.n_threads = Some(args.config.mount.threads);
     c.clone_fd = true;
     c
-}
-
-fn block_signals() -> Result<nix::sys::signal::SigSet> {
-    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        set.add(s);
-    }
-    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
-    Ok(set)
-}
-
-/// SIGTERM / SIGINT unmount cleanly (the session then ends and the WAL is
-/// flushed); SIGHUP is reserved for config reload.
-fn spawn_signal_thread(
-    set: nix::sys::signal::SigSet,
-    mut unmounter: fuser::SessionUnmounter,
-    mnt: PathBuf,
-) {
-    use nix::sys::signal::Signal;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            loop {
-                match set.wait() {
-                    Ok(Signal::SIGHUP) => info!("SIGHUP: nothing to reload yet"),
-                    Ok(sig) => {
-                        info!("{sig}: unmounting {}", mnt.display());
-                        if let Err(e) = unmounter.unmount() {
-                            warn!("unmount of {} failed: {e}", mnt.display());
-                            continue;
-                        }
-                        return;
-                    }
-                    Err(e) => {
-                        warn!("sigwait failed: {e}");
-                        return;
-                    }
-                }
-            }
-        })
-        .expect("spawning the signal thread");
 }

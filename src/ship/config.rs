@@ -39,6 +39,19 @@ pub struct ShipConfig {
     /// How often an idle shipper looks for new records.
     #[serde(deserialize_with = "de_duration")]
     pub poll_interval: Duration,
+    /// Recovery point objective: when the lag (age of the oldest change the
+    /// mirror has not acknowledged) exceeds it, a warning is logged once per
+    /// crossing, `status` flags it, and `rpo_hook` runs.
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub rpo: Option<Duration>,
+    /// Shell command run on each crossing of the RPO target, with
+    /// REPLFS_VOLUME, REPLFS_LAG_SECONDS, REPLFS_LAG_RECORDS, REPLFS_LAG_BYTES
+    /// and REPLFS_RPO_SECONDS in its environment.
+    pub rpo_hook: Option<String>,
+}
+
+fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
 }
 
 impl Default for ShipConfig {
@@ -56,6 +69,8 @@ impl Default for ShipConfig {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
             poll_interval: Duration::from_millis(2),
+            rpo: None,
+            rpo_hook: None,
         }
     }
 }
@@ -77,6 +92,9 @@ impl ShipConfig {
         }
         if self.min_backoff.is_zero() || self.min_backoff > self.max_backoff {
             bail!("ship.min_backoff must be > 0 and <= ship.max_backoff");
+        }
+        if self.rpo.is_some_and(|r| r < Duration::from_secs(1)) {
+            bail!("ship.rpo must be at least 1s");
         }
         if self.keepalive >= self.io_timeout {
             bail!("ship.keepalive must be shorter than ship.io_timeout");

@@ -4,7 +4,9 @@
 //! `window` batches of at most `batch_bytes` each.
 
 pub mod config;
+pub mod monitor;
 pub mod tail;
+pub mod throttle;
 
 use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
@@ -22,6 +24,7 @@ use parking_lot::Mutex;
 
 pub use config::ShipConfig;
 use tail::Tail;
+use throttle::Throttle;
 
 use crate::proto::{self, Batch, Key, Msg};
 use crate::wal::{Lsn, Wal, WalError};
@@ -40,7 +43,9 @@ pub struct LinkState {
 pub struct ShipStats {
     pub acked_lsn: AtomicU64,
     pub sent_lsn: AtomicU64,
+    /// Bytes put on the wire (after compression), and the record bytes they carried.
     pub wire_bytes: AtomicU64,
+    pub raw_bytes: AtomicU64,
     pub link: Mutex<LinkState>,
 }
 
@@ -52,7 +57,16 @@ pub struct Target {
     pub key: Arc<Key>,
 }
 
-/// A shipper thread running inside `replfs mount`.
+/// What a shipper needs besides the WAL.
+pub struct ShipArgs {
+    pub state: PathBuf,
+    pub target: Target,
+    pub cfg: ShipConfig,
+    pub throttle: Arc<Throttle>,
+}
+
+/// A shipper thread: follows the live WAL inside `replfs mount`, or drains
+/// the backlog for `replfs ship`.
 pub struct Shipper {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -60,26 +74,51 @@ pub struct Shipper {
 }
 
 impl Shipper {
-    pub fn start(state: &Path, wal: Wal, target: Target, cfg: ShipConfig) -> Shipper {
+    /// Follows the WAL until stopped.
+    pub fn start(wal: Wal, args: ShipArgs) -> Shipper {
+        Self::spawn(wal, args, Mode::Follow)
+    }
+
+    /// Ships until the mirror acknowledged the head of the WAL (retrying
+    /// broken links), then the thread ends: see [`Shipper::wait`].
+    pub fn start_drain(wal: Wal, args: ShipArgs) -> Shipper {
+        Self::spawn(wal, args, Mode::Drain)
+    }
+
+    fn spawn(wal: Wal, args: ShipArgs, mode: Mode) -> Shipper {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ShipStats::default());
         let ctx = Ctx {
-            state: state.to_path_buf(),
+            state: args.state,
             wal,
-            target,
-            cfg,
+            target: args.target,
+            cfg: args.cfg,
             stop: stop.clone(),
             stats: stats.clone(),
+            throttle: args.throttle,
         };
         let thread = std::thread::Builder::new()
             .name("shipper".into())
-            .spawn(move || ctx.run(Mode::Follow))
+            .spawn(move || ctx.run(mode))
             .expect("spawning the shipper thread");
         Shipper {
             stop,
             thread: Some(thread),
             stats,
         }
+    }
+
+    /// Setting this flag stops the shipper at its next step.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Waits for a draining shipper to finish; returns the acked LSN.
+    pub fn wait(mut self) -> Lsn {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.stats.acked_lsn.load(Ordering::Acquire)
     }
 
     /// Stops shipping; what is not acknowledged stays in the WAL for later.
@@ -89,27 +128,6 @@ impl Shipper {
             let _ = t.join();
         }
     }
-}
-
-/// `replfs ship`: ships the backlog until the mirror has acknowledged the
-/// head of the WAL, retrying broken links, then returns.
-pub fn drain(state: &Path, wal: Wal, target: Target, cfg: ShipConfig) -> Result<Lsn> {
-    let stats = Arc::new(ShipStats::default());
-    let ctx = Ctx {
-        state: state.to_path_buf(),
-        wal,
-        target,
-        cfg,
-        stop: Arc::new(AtomicBool::new(false)),
-        stats: stats.clone(),
-    };
-    ctx.run(Mode::Drain);
-    let acked = stats.acked_lsn.load(Ordering::Acquire);
-    let head = ctx.wal.head_lsn();
-    if acked < head {
-        bail!("the mirror acknowledged LSN {acked} of {head}");
-    }
-    Ok(acked)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -132,6 +150,7 @@ struct Ctx {
     cfg: ShipConfig,
     stop: Arc<AtomicBool>,
     stats: Arc<ShipStats>,
+    throttle: Arc<Throttle>,
 }
 
 fn now_secs() -> i64 {
@@ -259,12 +278,20 @@ impl Ctx {
             let mut sent = false;
             while in_flight.len() < self.cfg.window {
                 let limit = self.wal.durable_lsn();
-                let batch = self.next_batch(&mut tail, limit)?;
+                let (batch, raw) = self.next_batch(&mut tail, limit)?;
                 let Some(last) = batch.records.last().map(|r| r.lsn) else {
                     break;
                 };
-                let n = proto::write_msg(&mut out, &Msg::Batch(batch))?;
-                self.stats.wire_bytes.fetch_add(n, Ordering::Relaxed);
+                let frame = proto::encode_msg(&Msg::Batch(batch))?;
+                out.flush()?;
+                if !self.wait_tokens(frame.len() as u64, &mut out, &mut last_io)? {
+                    return Ok(Outcome::Stopped);
+                }
+                out.write_all(&frame)?;
+                self.stats
+                    .wire_bytes
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                self.stats.raw_bytes.fetch_add(raw, Ordering::Relaxed);
                 self.stats.sent_lsn.store(last, Ordering::Release);
                 in_flight.push_back(last);
                 sent = true;
@@ -309,6 +336,33 @@ impl Ctx {
         }
     }
 
+    /// Waits for the throttle to grant `n` wire bytes. A slow rate can make
+    /// this last longer than the mirror's idle timeout, so the link is pinged
+    /// meanwhile. False when asked to stop.
+    fn wait_tokens(
+        &self,
+        n: u64,
+        out: &mut BufWriter<TcpStream>,
+        last_io: &mut Instant,
+    ) -> Result<bool> {
+        loop {
+            match self.throttle.try_acquire(n) {
+                Ok(()) => return Ok(true),
+                Err(wait) => {
+                    if self.stop.load(Ordering::Acquire) {
+                        return Ok(false);
+                    }
+                    if last_io.elapsed() > self.cfg.keepalive {
+                        proto::write_msg(out, &Msg::Ping)?;
+                        out.flush()?;
+                        *last_io = Instant::now();
+                    }
+                    std::thread::sleep(wait.min(Duration::from_millis(50)));
+                }
+            }
+        }
+    }
+
     /// Only durable records are shipped (a machine crash of the source cannot
     /// un-write what the mirror applied). An idle shipper with records waiting
     /// to become durable asks for the group commit at once instead of waiting
@@ -327,23 +381,39 @@ impl Ctx {
 
     /// Up to `batch_bytes` of records, none beyond `limit` (only durable
     /// records leave the source: a machine crash cannot un-write them).
-    fn next_batch(&self, tail: &mut Tail, limit: Lsn) -> Result<Batch> {
+    fn next_batch(&self, tail: &mut Tail, limit: Lsn) -> Result<(Batch, u64)> {
         let mut records = Vec::new();
         let mut bytes = 0u64;
-        while bytes < self.cfg.batch_bytes
-            && records.len() < self.cfg.batch_records
-            && tail.next_lsn() <= limit
-        {
+        // Under a throttle a batch never exceeds the burst.
+        let max = self.throttle.max_batch().map_or(self.cfg.batch_bytes, |b| {
+            b.clamp(4096, self.cfg.batch_bytes)
+        });
+        while bytes < max && records.len() < self.cfg.batch_records && tail.next_lsn() <= limit {
             match tail.next_record()? {
                 Some(r) => {
-                    bytes += proto::record_wire_len(&r.op)? as u64;
+                    bytes += record_size(&r.op);
                     records.push(r);
                 }
                 None => break,
             }
         }
-        Ok(Batch { records })
+        Ok((Batch { records }, bytes))
     }
+}
+
+/// An upper bound of a record's bytes in a batch, without encoding it (the
+/// frame header, paths, symlink target, names and data, plus fixed fields).
+fn record_size(op: &crate::wal::Op<'_>) -> u64 {
+    let paths: usize = op.paths().iter().map(|p| p.len()).sum();
+    let extra = match op {
+        crate::wal::Op::Symlink { target, .. } => target.len(),
+        crate::wal::Op::SetXattr { name, .. } | crate::wal::Op::RemoveXattr { name, .. } => {
+            name.len()
+        }
+        crate::wal::Op::Resync { reason, .. } => reason.len(),
+        _ => 0,
+    };
+    (op.data_len() as usize + paths + extra + 128) as u64
 }
 
 /// Reads the mirror's messages: acks go to the channel; an error or a closed

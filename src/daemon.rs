@@ -1,0 +1,161 @@
+//! The services every replfs source daemon (`mount` and `ship`) runs beside
+//! the WAL: the shipper, the throttle, the status monitor, the control socket,
+//! and signal handling (SIGTERM/SIGINT stop, SIGHUP reloads the config).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Result;
+use log::{error, info, warn};
+
+use crate::config::Config;
+use crate::control::ControlServer;
+use crate::ship::monitor::{Monitor, Monitored};
+use crate::ship::throttle::{SystemClock, Throttle};
+use crate::ship::{ShipArgs, Shipper, Target};
+use crate::wal::{Lsn, Wal};
+
+pub struct Services {
+    shipper: Option<Shipper>,
+    monitor: Monitor,
+    control: ControlServer,
+    pub throttle: Arc<Throttle>,
+    config_path: Option<PathBuf>,
+}
+
+impl Services {
+    /// Starts shipping to `target` (following the WAL, or draining it to the
+    /// head when `drain`), the monitor and the control socket.
+    pub fn start(
+        state: &Path,
+        wal: &Wal,
+        config: &Config,
+        config_path: Option<PathBuf>,
+        target: Option<Target>,
+        drain: bool,
+    ) -> Result<Services> {
+        let throttle = Arc::new(Throttle::new(&config.throttle, Arc::new(SystemClock)));
+        let mirror = target.as_ref().map(|t| t.addr.clone());
+        let shipper = target.map(|target| {
+            let args = ShipArgs {
+                state: state.to_path_buf(),
+                target,
+                cfg: config.ship.clone(),
+                throttle: throttle.clone(),
+            };
+            if drain {
+                Shipper::start_drain(wal.clone(), args)
+            } else {
+                Shipper::start(wal.clone(), args)
+            }
+        });
+        let monitor = Monitor::start(Monitored {
+            state: state.to_path_buf(),
+            wal: wal.clone(),
+            ship: shipper.as_ref().map(|s| s.stats.clone()),
+            throttle: throttle.clone(),
+            mirror,
+            volume: config.ship.volume.clone(),
+            rpo: config.ship.rpo,
+            rpo_hook: config.ship.rpo_hook.clone(),
+        })?;
+        let control = ControlServer::start(state, monitor.handler())?;
+        Ok(Services {
+            shipper,
+            monitor,
+            control,
+            throttle,
+            config_path,
+        })
+    }
+
+    /// What SIGHUP does: re-read the config file; a bad one is refused and
+    /// the one in force stays.
+    pub fn reloader(&self) -> impl Fn() + Send + 'static {
+        let (throttle, path) = (self.throttle.clone(), self.config_path.clone());
+        move || reload(&throttle, path.as_deref())
+    }
+
+    /// A flag that makes the shipper give up (SIGTERM during `replfs ship`).
+    pub fn ship_stop_flag(&self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        self.shipper.as_ref().map(Shipper::stop_flag)
+    }
+
+    /// Waits for a draining shipper; returns the LSN the mirror acknowledged.
+    pub fn wait_drained(&mut self) -> Option<Lsn> {
+        self.shipper.take().map(Shipper::wait)
+    }
+
+    /// Stops everything; the backlog stays in the WAL.
+    pub fn stop(self) {
+        drop(self.control);
+        if let Some(s) = self.shipper {
+            s.stop();
+        }
+        self.monitor.stop();
+    }
+}
+
+fn reload(throttle: &Throttle, path: Option<&Path>) {
+    let Some(path) = path else {
+        info!("SIGHUP: no config file to reload");
+        return;
+    };
+    match Config::load(path) {
+        Ok(c) => {
+            throttle.reconfigure(&c.throttle);
+            let f = throttle.in_force();
+            info!(
+                "SIGHUP: reloaded {}; throttle {} ({})",
+                path.display(),
+                f.rate,
+                f.reason
+            );
+        }
+        Err(e) => error!("SIGHUP: {e:#}; keeping the configuration in force"),
+    }
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and the threads it
+/// starts afterwards, so that only the signal thread receives them.
+pub fn block_signals() -> Result<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+    Ok(set)
+}
+
+/// Waits for signals: SIGHUP calls `on_hup`; SIGTERM/SIGINT call `on_stop`,
+/// and the thread ends once it returns true.
+pub fn spawn_signal_thread(
+    set: nix::sys::signal::SigSet,
+    on_hup: impl Fn() + Send + 'static,
+    mut on_stop: impl FnMut() -> bool + Send + 'static,
+) {
+    use nix::sys::signal::Signal;
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            loop {
+                match set.wait() {
+                    Ok(Signal::SIGHUP) => on_hup(),
+                    Ok(sig) => {
+                        info!("{sig}: stopping");
+                        if on_stop() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!("sigwait failed: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        error!("cannot start the signal thread: {e}");
+    }
+}

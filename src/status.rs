@@ -1,0 +1,285 @@
+//! What `replfs status` shows: the link, the positions, the lag in records,
+//! bytes and seconds (the current RPO), rates, the throttle in force and WAL
+//! disk use. A running daemon keeps a fresh snapshot (refreshed every second
+//! by its monitor thread, which also watches the RPO target); without a
+//! daemon the figures come from the catalog and the WAL on disk.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::SegmentRow;
+use crate::wal::reader::SegmentScanner;
+use crate::wal::segment::{self, list_segments};
+use crate::wal::{Lsn, WalReader};
+
+/// Catalog keys the daemon keeps up to date for offline status.
+pub const KEY_ACKED: &str = "ship.acked_lsn";
+pub const KEY_HEAD: &str = "wal.head_lsn";
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// A daemon (mount or ship) answered; otherwise figures are from disk.
+    pub daemon: bool,
+    pub volume: Option<String>,
+    pub mirror: Option<String>,
+    /// "connected", "retrying", "not configured", or "down" (no daemon).
+    pub link: String,
+    pub link_since: Option<String>,
+    pub last_error: Option<String>,
+    pub head_lsn: Lsn,
+    pub acked_lsn: Lsn,
+    pub lag_records: u64,
+    pub lag_bytes: u64,
+    /// Age of the oldest change the mirror has not acknowledged (the RPO now).
+    pub lag_seconds: f64,
+    pub rpo_target_seconds: Option<f64>,
+    pub rpo_exceeded: bool,
+    pub rate_10s_bytes_per_sec: f64,
+    pub rate_1m_bytes_per_sec: f64,
+    /// `null` = unlimited.
+    pub throttle_bytes_per_sec: Option<u64>,
+    pub throttle_burst_bytes: Option<u64>,
+    pub throttle_reason: Option<String>,
+    pub wal_disk_bytes: u64,
+    pub wal_segments: usize,
+    /// Raw record bytes shipped / wire bytes (after lz4); `null` before any.
+    pub compression_ratio: Option<f64>,
+}
+
+/// Finds the oldest unacknowledged record and the WAL bytes from it to the
+/// head. Keeps its scanner between calls: the acked LSN only moves forward,
+/// so each call reads only what was acknowledged since the last one.
+pub struct BacklogProbe {
+    state: PathBuf,
+    scanner: Option<SegmentScanner>,
+    /// (LSN, time_ns, segment first LSN, offset) of the last record found.
+    found: Option<(Lsn, i64, Lsn, u64)>,
+}
+
+impl BacklogProbe {
+    pub fn new(state: &Path) -> BacklogProbe {
+        BacklogProbe {
+            state: state.to_path_buf(),
+            scanner: None,
+            found: None,
+        }
+    }
+
+    /// `segs`: every retained segment with its bytes used (current included).
+    /// Returns (time_ns of record acked+1, lag bytes), or None without backlog.
+    pub fn measure(
+        &mut self,
+        acked: Lsn,
+        head: Lsn,
+        segs: &[SegmentRow],
+    ) -> Result<Option<(i64, u64)>> {
+        if acked >= head {
+            return Ok(None);
+        }
+        let Some((time, seg_first, off)) = self.locate(acked + 1)? else {
+            return Ok(None);
+        };
+        let mut bytes = 0u64;
+        for s in segs.iter().filter(|s| s.first_lsn >= seg_first) {
+            bytes += if s.first_lsn == seg_first {
+                s.bytes.saturating_sub(off)
+            } else {
+                s.bytes.saturating_sub(segment::HEADER_LEN)
+            };
+        }
+        Ok(Some((time, bytes)))
+    }
+
+    fn locate(&mut self, lsn: Lsn) -> Result<Option<(i64, Lsn, u64)>> {
+        if let Some((l, t, seg, off)) = self.found
+            && l == lsn
+        {
+            return Ok(Some((t, seg, off)));
+        }
+        let dir = segment::wal_dir(&self.state);
+        let segs = list_segments(&dir)?;
+        let Some((first, path)) = segs.iter().rev().find(|(f, _)| *f <= lsn) else {
+            return Ok(None);
+        };
+        let reuse = self
+            .scanner
+            .as_ref()
+            .is_some_and(|s| s.header().first_lsn == *first && s.next_lsn() <= lsn);
+        if !reuse {
+            self.scanner = Some(SegmentScanner::open(path)?);
+        }
+        let sc = self.scanner.as_mut().expect("set above");
+        sc.refresh();
+        while sc.next_lsn() < lsn {
+            if sc.next_frame()?.is_none() {
+                return Ok(None);
+            }
+        }
+        let off = sc.position();
+        let Some(frame) = sc.next_frame()? else {
+            return Ok(None);
+        };
+        let t = frame.header.time_ns;
+        self.found = Some((lsn, t, *first, off));
+        // The scanner moved past `lsn`: drop it so a repeat call for the same
+        // LSN uses `found`, and a later one reopens at the right place.
+        self.scanner = None;
+        Ok(Some((t, *first, off)))
+    }
+}
+
+/// Bytes the WAL's files take on disk (segments are preallocated), and their count.
+pub fn wal_disk_use(state: &Path) -> (u64, usize) {
+    let dir = segment::wal_dir(state);
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return (0, 0);
+    };
+    let mut bytes = 0;
+    let mut n = 0;
+    for e in rd.flatten() {
+        if let Ok(md) = e.metadata() {
+            bytes += std::os::unix::fs::MetadataExt::blocks(&md) * 512;
+            if e.path().extension().is_some_and(|x| x == "wal") {
+                n += 1;
+            }
+        }
+    }
+    (bytes, n)
+}
+
+pub fn now_ns() -> i64 {
+    segment::now_ns()
+}
+
+/// Status without a daemon: positions from the catalog, the log from disk.
+pub fn offline(state: &Path) -> Result<Status> {
+    let cat = crate::catalog::Catalog::open(state)?;
+    let acked: Lsn = cat
+        .get(KEY_ACKED)?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let reader = WalReader::open(state)?;
+    let infos = reader.segments()?;
+    let head = infos.last().map(|s| s.last_lsn).unwrap_or(0);
+    let segs: Vec<SegmentRow> = infos
+        .iter()
+        .map(|i| SegmentRow {
+            first_lsn: i.first_lsn,
+            file_name: String::new(),
+            created_ns: i.created_ns,
+            last_lsn: Some(i.last_lsn),
+            bytes: i.bytes_used,
+        })
+        .collect();
+    let mut st = Status {
+        link: "down".into(),
+        mirror: cat.get("ship.mirror")?,
+        head_lsn: head,
+        acked_lsn: acked.min(head),
+        ..Status::default()
+    };
+    fill_backlog(&mut st, &mut BacklogProbe::new(state), &segs)?;
+    (st.wal_disk_bytes, st.wal_segments) = wal_disk_use(state);
+    Ok(st)
+}
+
+/// Fills lag records / bytes / seconds from the positions in `st`.
+pub fn fill_backlog(st: &mut Status, probe: &mut BacklogProbe, segs: &[SegmentRow]) -> Result<()> {
+    st.lag_records = st.head_lsn.saturating_sub(st.acked_lsn);
+    match probe.measure(st.acked_lsn, st.head_lsn, segs)? {
+        Some((t, bytes)) => {
+            st.lag_bytes = bytes;
+            st.lag_seconds = ((now_ns() - t).max(0) as f64) / 1e9;
+        }
+        None => {
+            st.lag_bytes = 0;
+            st.lag_seconds = 0.0;
+        }
+    }
+    Ok(())
+}
+
+fn human_bytes(b: f64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} {}", U[i])
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+/// The human table of `replfs status`.
+pub fn render(st: &Status) -> String {
+    let mut out = Vec::new();
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let link = match (&st.link_since, &st.last_error) {
+        (Some(since), Some(e)) if st.link != "connected" => {
+            format!("{} since {since} ({e})", st.link)
+        }
+        (Some(since), _) => format!("{} since {since}", st.link),
+        _ => st.link.clone(),
+    };
+    out.push(("link", link));
+    out.push((
+        "mirror",
+        format!("{} (volume {})", opt(&st.mirror), opt(&st.volume)),
+    ));
+    out.push(("head LSN", st.head_lsn.to_string()));
+    out.push(("acked LSN", st.acked_lsn.to_string()));
+    let rpo = match st.rpo_target_seconds {
+        Some(t) if st.rpo_exceeded => format!("  RPO TARGET {t:.0}s EXCEEDED"),
+        Some(t) => format!("  (RPO target {t:.0}s)"),
+        None => String::new(),
+    };
+    out.push((
+        "lag",
+        format!(
+            "{} records, {}, {:.1} s{rpo}",
+            st.lag_records,
+            human_bytes(st.lag_bytes as f64),
+            st.lag_seconds
+        ),
+    ));
+    out.push((
+        "ship rate",
+        format!(
+            "{}/s (10 s), {}/s (1 min)",
+            human_bytes(st.rate_10s_bytes_per_sec),
+            human_bytes(st.rate_1m_bytes_per_sec)
+        ),
+    ));
+    let throttle = match st.throttle_bytes_per_sec {
+        Some(r) => format!("{}/s", human_bytes(r as f64)),
+        None => "unlimited".into(),
+    };
+    out.push((
+        "throttle",
+        format!("{throttle} ({})", opt(&st.throttle_reason)),
+    ));
+    out.push((
+        "WAL on disk",
+        format!(
+            "{} in {} segment(s)",
+            human_bytes(st.wal_disk_bytes as f64),
+            st.wal_segments
+        ),
+    ));
+    if let Some(r) = st.compression_ratio {
+        out.push(("compression", format!("{r:.2}x")));
+    }
+    if !st.daemon {
+        out.push((
+            "note",
+            "no mount or ship daemon is running: figures from disk".into(),
+        ));
+    }
+    out.iter().map(|(k, v)| format!("{k:<12} {v}\n")).collect()
+}
