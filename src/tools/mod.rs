@@ -3,13 +3,17 @@
 
 pub mod dump;
 pub mod replay;
+pub mod stats;
 pub mod treecmp;
+pub mod verify;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use dump::dump;
 pub use replay::{ReplayReport, ResyncMarker, Until, parse_time, replay};
+pub use stats::{StatsReport, parse_rpo, stats};
 pub use treecmp::{CompareOptions, compare_trees, compare_trees_with};
+pub use verify::{Problem, Severity, VerifyReport, verify};
 
 use crate::wal::Ts;
 
