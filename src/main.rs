@@ -249,11 +249,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// The config file if one is given, else the defaults.
+fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
+    path.map_or_else(|| Ok(Config::default()), Config::load)
+}
+
 fn mount(m: MountCmd) -> Result<ExitCode> {
-    let config = match &m.config {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
-    };
+    let config = load_config(m.config.as_deref())?;
     replfs::fs::check_layout(&m.backing, &m.mountpoint, &m.state)?;
     if !m.foreground {
         return daemon::spawn(&m.state);
@@ -279,10 +281,7 @@ fn mount(m: MountCmd) -> Result<ExitCode> {
 }
 
 fn ship(s: ShipCmd) -> Result<ExitCode> {
-    let config = match &s.config {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
-    };
+    let config = load_config(s.config.as_deref())?;
     let target = replfs::ship::resolve_target(&s.state, &config.ship, s.mirror, s.key_file, false)?
         .ok_or_else(|| {
             anyhow::anyhow!(
@@ -358,10 +357,7 @@ fn throttle(state: &std::path::Path, action: ThrottleCmd) -> Result<ExitCode> {
 }
 
 fn mirror(m: MirrorCmd) -> Result<ExitCode> {
-    let config = match &m.config {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
-    };
+    let config = load_config(m.config.as_deref())?;
     let opts = replfs::mirror::MirrorOptions::from_cli(
         m.listen,
         m.dir,

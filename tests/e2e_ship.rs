@@ -76,6 +76,16 @@ fn background_writer(
     })
 }
 
+/// Starts [`background_writer`]: returns its stop flag, progress counter and thread.
+fn start_writer(mnt: &Path) -> (Arc<AtomicBool>, Arc<AtomicU64>, std::thread::JoinHandle<()>) {
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let w = background_writer(mnt.to_path_buf(), stop.clone(), done.clone());
+    (stop, done, w)
+}
+
 fn wait_progress(done: &AtomicU64, at_least: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while done.load(Ordering::Relaxed) < at_least && Instant::now() < deadline {
@@ -120,11 +130,7 @@ fn workload_converges_on_the_mirror_and_lag_is_measured() {
 fn mirror_killed_mid_stream_converges() {
     let mut p = Pair::new();
     let m = p.mount(&p.mirror.addr());
-    let (stop, done) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let w = background_writer(p.rig.mnt.clone(), stop.clone(), done.clone());
+    let (_stop, done, w) = start_writer(&p.rig.mnt);
     for round in 1..=3 {
         wait_progress(&done, round * 300);
         p.mirror.restart();
@@ -140,11 +146,7 @@ fn dropped_links_lose_nothing() {
     let p = Pair::new();
     let proxy = Proxy::start(p.mirror.port);
     let m = p.mount(&proxy.addr());
-    let (stop, done) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let w = background_writer(p.rig.mnt.clone(), stop.clone(), done.clone());
+    let (_stop, done, w) = start_writer(&p.rig.mnt);
     for round in 1..=5 {
         wait_progress(&done, round * 200);
         proxy.cut();
@@ -193,11 +195,7 @@ fn assert_converged_except_resync(rig: &Rig, mirror: &Path) {
 fn mount_killed_mid_stream_then_ship_drains_the_backlog() {
     let mut p = Pair::new();
     let m = p.mount(&p.mirror.addr());
-    let (stop, done) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let w = background_writer(p.rig.mnt.clone(), stop.clone(), done.clone());
+    let (stop, done, w) = start_writer(&p.rig.mnt);
     wait_progress(&done, 400);
     // Stop the mirror so a backlog builds up, then kill the mount with it.
     p.mirror.kill9();
