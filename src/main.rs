@@ -138,6 +138,21 @@ enum LogCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write the retained log (or LSN --from..=--to-lsn) to FILE, to carry
+    /// a backlog or a baseline to the mirror out of band (`replfs mirror import`).
+    Export {
+        #[arg(long)]
+        state: PathBuf,
+        /// The export file (written as FILE.tmp, then renamed).
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// First LSN (default: the oldest retained record).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Last LSN (default: the head).
+        #[arg(long)]
+        to_lsn: Option<u64>,
+    },
     /// Change rate, busiest directories, coalescing saving and the link
     /// bandwidth needed for an RPO, from the retained log.
     Stats {
@@ -152,7 +167,10 @@ enum LogCmd {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct MirrorCmd {
+    #[command(subcommand)]
+    action: Option<MirrorAction>,
     /// Address to listen on (overrides mirror.listen in the config).
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
@@ -160,14 +178,33 @@ struct MirrorCmd {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Mirror state dir: catalog and positions (never inside a replica dir).
-    #[arg(long)]
-    state: PathBuf,
+    #[arg(long, required = true)]
+    state: Option<PathBuf>,
     /// File holding the secret shared with the shipper of --dir.
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
     /// TOML config file ([mirror] section, [[mirror.volume]] list).
     #[arg(long)]
     config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum MirrorAction {
+    /// Apply a `replfs log export` file to a volume (the mirror daemon must
+    /// not be running on --state); shipping then resumes from there.
+    Import {
+        /// The replica directory of the volume.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Mirror state dir (as given to `replfs mirror --state`).
+        #[arg(long)]
+        state: PathBuf,
+        /// Volume id (default: "default", the volume of `--dir`).
+        #[arg(long)]
+        volume: Option<String>,
+        /// The export file.
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -214,6 +251,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (None, None) => replfs::tools::Until::End,
             };
             let r = replfs::tools::replay(&state, &into, until, force)?;
+            println!("{r}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Log(LogCmd::Export {
+            state,
+            to,
+            from,
+            to_lsn,
+        }) => {
+            let r = replfs::tools::export(&state, &to, from, to_lsn)?;
             println!("{r}");
             Ok(ExitCode::SUCCESS)
         }
@@ -357,11 +404,23 @@ fn throttle(state: &std::path::Path, action: ThrottleCmd) -> Result<ExitCode> {
 }
 
 fn mirror(m: MirrorCmd) -> Result<ExitCode> {
+    if let Some(MirrorAction::Import {
+        dir,
+        state,
+        volume,
+        file,
+    }) = m.action
+    {
+        let r = replfs::mirror::import(&dir, &state, volume.as_deref(), &file)?;
+        println!("{r}");
+        return Ok(ExitCode::SUCCESS);
+    }
     let config = load_config(m.config.as_deref())?;
+    let state = m.state.context("--state is required")?;
     let opts = replfs::mirror::MirrorOptions::from_cli(
         m.listen,
         m.dir,
-        m.state,
+        state,
         m.key_file,
         &config.mirror,
     )?;

@@ -32,6 +32,7 @@
 //! link leaves no RST): its socket is shut down, it stops between two
 //! records and persists, and the newcomer takes the volume.
 
+pub mod import;
 mod server;
 mod state;
 #[cfg(test)]
@@ -50,6 +51,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use log::{info, warn};
 
+pub use import::{ImportReport, import};
 pub use state::{
     LOCK_FILE, MIRROR_DB, MirrorDb, POSITIONS_DIR, Position, PositionFile, ResyncRow, VolumeRow,
 };

@@ -59,7 +59,7 @@ fn now_ms() -> u64 {
 }
 
 impl Liveness {
-    fn new() -> Arc<Liveness> {
+    pub(super) fn new() -> Arc<Liveness> {
         Arc::new(Liveness {
             last: AtomicU64::new(now_ms()),
             stop: AtomicBool::new(false),

@@ -2,6 +2,7 @@
 //! replay into a directory, and tree comparison.
 
 pub mod dump;
+pub mod export;
 pub mod replay;
 pub mod stats;
 pub mod treecmp;
@@ -10,6 +11,7 @@ pub mod verify;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use dump::dump;
+pub use export::{ExportReport, export};
 pub use replay::{ReplayReport, ResyncMarker, Until, parse_time, replay};
 pub use stats::{StatsReport, parse_rpo, stats};
 pub use treecmp::{CompareOptions, compare_trees, compare_trees_with};
