@@ -9,10 +9,21 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use replfs::config::Config;
 
+/// `replfs --version`: the crate version and the on-disk and wire format
+/// versions this build speaks (a mount and a mirror must agree on the latter).
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (WAL format {}, protocol {})",
+        env!("CARGO_PKG_VERSION"),
+        replfs::wal::segment::FORMAT_VERSION,
+        replfs::proto::PROTO_VERSION
+    )
+});
+
 #[derive(Parser)]
 #[command(
     name = "replfs",
-    version,
+    version = VERSION.as_str(),
     about = "Asynchronous-replication FUSE filesystem for disaster recovery"
 )]
 struct Cli {
@@ -48,6 +59,16 @@ enum Cmd {
     /// Inspect the write-ahead log.
     #[command(subcommand)]
     Log(LogCmd),
+    /// Write man pages (replfs.1, replfs-SUBCOMMAND.1, ...) into DIR
+    /// (packaging).
+    #[command(hide = true)]
+    GenMan { dir: PathBuf },
+    /// Write the completion script for SHELL into DIR (packaging).
+    #[command(hide = true)]
+    GenCompletions {
+        shell: clap_complete::Shell,
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -221,6 +242,23 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        Cmd::GenMan { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("cannot write man pages to {}", dir.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::GenCompletions { shell, dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let path = clap_complete::generate_to(shell, &mut Cli::command(), "replfs", &dir)
+                .with_context(|| format!("cannot write completions to {}", dir.display()))?;
+            println!("{}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Mount(m) => mount(m),
         Cmd::Mirror(m) => mirror(m),
         Cmd::Ship(s) => ship(s),
