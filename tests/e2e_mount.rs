@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -314,6 +314,73 @@ fn mmap_writes_and_o_append_are_logged() {
     let content = fs::read(&p).unwrap();
     assert_eq!(&content[100..112], b"through mmap");
     assert!(content.ends_with(b"tail1tail2"));
+    m.unmount();
+    let replayed = rig.replay("replayed", &[]);
+    assert_same_tree(&rig.backing, &replayed);
+}
+
+#[test]
+fn seek_data_hole_statfs_and_locks_work_through_the_mount() {
+    let rig = Rig::new();
+    prepare_root(&rig);
+    let m = rig.mount(None);
+    let p = rig.mnt.join("sparse");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern(4096, 1), 8 << 20).unwrap();
+    let fd = f.as_raw_fd();
+    let data = unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) };
+    let hole = unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) };
+    assert_eq!(data, 8 << 20, "the first data is at 8 MiB");
+    assert_eq!(hole, 0, "the file starts with a hole");
+    // flock: a second exclusive lock on another open file description fails.
+    let g = File::open(&p).unwrap();
+    assert_eq!(unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    assert_eq!(
+        unsafe { libc::flock(g.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        -1
+    );
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EWOULDBLOCK)
+    );
+    unsafe { libc::flock(fd, libc::LOCK_UN) };
+    // POSIX record locks (fcntl) are seen across processes.
+    let lock = |fd: i32, ty: i32| {
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = ty as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        unsafe { libc::fcntl(fd, libc::F_SETLK, &fl) }
+    };
+    assert_eq!(lock(fd, libc::F_WRLCK), 0);
+    let out = std::process::Command::new("flock")
+        .args(["--nonblock", p.to_str().unwrap(), "true"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flock(1) is independent of the POSIX lock"
+    );
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB)", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        !probe.status.success(),
+        "another process cannot take the POSIX write lock"
+    );
+    assert_eq!(lock(fd, libc::F_UNLCK), 0);
+    // statfs answers with the backing filesystem's figures.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(rig.mnt.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    assert!(st.f_blocks > 0 && st.f_bsize > 0);
+    drop((f, g));
     m.unmount();
     let replayed = rig.replay("replayed", &[]);
     assert_same_tree(&rig.backing, &replayed);
