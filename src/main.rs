@@ -106,6 +106,10 @@ struct ShipCmd {
     key_file: Option<PathBuf>,
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Give up (exit 2) if the backlog is not acknowledged within this long,
+    /// e.g. 10m; by default keep retrying until done or interrupted.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand)]
@@ -389,6 +393,12 @@ fn ship(s: ShipCmd) -> Result<ExitCode> {
         true,
     )?;
     let stop = services.ship_stop_flag();
+    if let (Some(t), Some(f)) = (s.timeout, stop.clone()) {
+        std::thread::spawn(move || {
+            std::thread::sleep(t);
+            f.store(true, std::sync::atomic::Ordering::Release);
+        });
+    }
     replfs::daemon::spawn_signal_thread(sigs, services.reloader(), move || {
         if let Some(f) = &stop {
             f.store(true, std::sync::atomic::Ordering::Release);

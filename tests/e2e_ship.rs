@@ -325,3 +325,29 @@ fn one_mirror_serves_several_volumes_and_acked_segments_are_retired() {
     ma.unmount();
     mb.unmount();
 }
+
+#[test]
+fn ship_gives_up_after_its_timeout_when_the_mirror_is_unreachable() {
+    let rig = Rig::new();
+    let key = key_file(rig.tmp.path(), "key", 5);
+    let m = rig.mount(None);
+    fs::write(rig.mnt.join("pending"), b"backlog").unwrap();
+    m.unmount();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let start = Instant::now();
+    let out = replfs(&[
+        "ship",
+        "--state",
+        rig.state.to_str().unwrap(),
+        "--mirror",
+        &dead,
+        "--key-file",
+        key.to_str().unwrap(),
+        "--timeout",
+        "2s",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(start.elapsed() < Duration::from_secs(15));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("acknowledged LSN 0 of"), "{err}");
+}
