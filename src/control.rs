@@ -131,10 +131,26 @@ pub fn request(state: &Path, req: &Request) -> Result<Option<serde_json::Value>>
         Err(e) => return Err(e).with_context(|| format!("cannot reach {}", path.display())),
     };
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut w = &s;
-    writeln!(w, "{}", serde_json::to_string(req)?)?;
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
+    let exchange = (|| {
+        let mut w = &s;
+        writeln!(w, "{}", serde_json::to_string(req)?)?;
+        BufReader::new(&s).read_line(&mut line)
+    })();
+    match exchange {
+        // The daemon is going away (shutting down between accept and answer).
+        Ok(0) => return Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e).with_context(|| format!("no answer from {}", path.display())),
+        Ok(_) => {}
+    }
     let v: serde_json::Value = serde_json::from_str(&line)
         .with_context(|| format!("bad answer from {}", path.display()))?;
     if v["ok"] == true {

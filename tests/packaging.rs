@@ -1,0 +1,489 @@
+//! Packaging: the mount helper (with a fake and with the real binary),
+//! `--version`, generated man pages and completions, the systemd units
+//! (`systemd-analyze verify` when installed) and the Debian package (built
+//! and inspected when `cargo deb` is installed; its asset list is checked
+//! either way).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_replfs");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn helper() -> PathBuf {
+    root().join("packaging/mount.replfs")
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("replfs-pkg")
+        .tempdir()
+        .expect("tempdir")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A fake replfs that writes its argv, one argument a line, to $ARGV_OUT.
+fn fake_replfs(dir: &Path) -> PathBuf {
+    let p = dir.join("fake-replfs");
+    std::fs::write(
+        &p,
+        "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done > \"$ARGV_OUT\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn run_helper(fake: &Path, argv_out: &Path, args: &[&str]) -> Output {
+    Command::new(helper())
+        .args(args)
+        .env("REPLFS_BIN", fake)
+        .env("ARGV_OUT", argv_out)
+        .output()
+        .expect("run mount.replfs")
+}
+
+#[test]
+fn mount_helper_maps_fstab_options() {
+    let tmp = tempdir();
+    let fake = fake_replfs(tmp.path());
+    let out = tmp.path().join("argv");
+    // As mount(8) calls it for the fstab line
+    // `/srv/b /srv/m replfs state=...,mirror=...,key_file=...,config=...,_netdev 0 0`.
+    let o = run_helper(
+        &fake,
+        &out,
+        &[
+            "/srv/b",
+            "/srv/my mnt",
+            "-n",
+            "-o",
+            "rw,state=/var/lib/replfs/x,mirror=host:7450,key_file=/etc/replfs/x.key,\
+             config=/etc/replfs/x.toml,_netdev,nofail,x-systemd.automount,comment=dr,defaults",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let argv = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        argv.lines().collect::<Vec<_>>(),
+        [
+            "mount",
+            "/srv/b",
+            "/srv/my mnt",
+            "--state",
+            "/var/lib/replfs/x",
+            "--config",
+            "/etc/replfs/x.toml",
+            "--mirror",
+            "host:7450",
+            "--key-file",
+            "/etc/replfs/x.key",
+        ]
+    );
+
+    // `mount -t replfs B M -o state=S`: only the state dir.
+    std::fs::remove_file(&out).unwrap();
+    let o = run_helper(&fake, &out, &["-o", "state=/s", "/b", "/m"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "mount\n/b\n/m\n--state\n/s\n"
+    );
+
+    // -f (fake): print the command, run nothing.
+    std::fs::remove_file(&out).unwrap();
+    let o = run_helper(&fake, &out, &["/b", "/m", "-fv", "-o", "state=/s"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!out.exists(), "-f must not run replfs");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("mount /b /m --state /s"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn mount_helper_refuses_bad_options() {
+    let tmp = tempdir();
+    let fake = fake_replfs(tmp.path());
+    let out = tmp.path().join("argv");
+    for (opts, msg) in [
+        ("state=/s,bogus=1", "unknown option 'bogus=1'"),
+        ("state=/s,ro", "read-only"),
+        ("mirror=h:1", "state=DIR is required"),
+        ("state=", "needs a value"),
+    ] {
+        let o = run_helper(&fake, &out, &["/b", "/m", "-o", opts]);
+        assert_eq!(o.status.code(), Some(1), "{opts}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(msg),
+            "{opts}: {}",
+            text(&o)
+        );
+        assert!(!out.exists(), "{opts}: replfs must not run");
+    }
+    // Missing MOUNTPOINT: usage.
+    let o = run_helper(&fake, &out, &["/b", "-o", "state=/s"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("usage"));
+    // replfs itself failing is a mount failure: 32.
+    let o = Command::new(helper())
+        .args(["/b", "/m", "-o", "state=/s"])
+        .env("REPLFS_BIN", "/bin/false")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(32), "{}", text(&o));
+}
+
+#[test]
+fn version_names_format_versions() {
+    for flag in ["--version", "-V"] {
+        let o = Command::new(BIN).arg(flag).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(s.starts_with("replfs "), "{s}");
+        assert!(s.contains(env!("CARGO_PKG_VERSION")), "{s}");
+        assert!(
+            s.contains(&format!(
+                "WAL format {}",
+                replfs::wal::segment::FORMAT_VERSION
+            )),
+            "{s}"
+        );
+        assert!(
+            s.contains(&format!("protocol {}", replfs::proto::PROTO_VERSION)),
+            "{s}"
+        );
+    }
+}
+
+#[test]
+fn generates_man_pages_and_completions() {
+    let tmp = tempdir();
+    let man = tmp.path().join("man");
+    let o = Command::new(BIN).arg("gen-man").arg(&man).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    for page in [
+        "replfs.1",
+        "replfs-mount.1",
+        "replfs-mirror.1",
+        "replfs-ship.1",
+        "replfs-status.1",
+        "replfs-throttle.1",
+        "replfs-log-dump.1",
+        "replfs-log-replay.1",
+    ] {
+        let s = std::fs::read_to_string(man.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(s.contains(".TH"), "{page} is not roff");
+    }
+    let mount = std::fs::read_to_string(man.join("replfs-mount.1")).unwrap();
+    assert!(mount.contains("key\\-file"), "{mount}");
+    // The packaging subcommands stay out of the pages and the help.
+    assert!(!man.join("replfs-gen-man.1").exists());
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("gen-man"));
+
+    let comp = tmp.path().join("comp");
+    for (shell, file) in [
+        ("bash", "replfs.bash"),
+        ("zsh", "_replfs"),
+        ("fish", "replfs.fish"),
+    ] {
+        let o = Command::new(BIN)
+            .args(["gen-completions", shell])
+            .arg(&comp)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{shell}: {}", text(&o));
+        let s = std::fs::read_to_string(comp.join(file)).unwrap();
+        assert!(s.contains("mount") && s.contains("throttle"), "{shell}");
+    }
+    let o = Command::new("bash")
+        .arg("-n")
+        .arg(comp.join("replfs.bash"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "bash completion: {}", text(&o));
+}
+
+#[test]
+fn systemd_units_verify() {
+    let units = root().join("packaging/systemd");
+    let mirror = std::fs::read_to_string(units.join("replfs-mirror.service")).unwrap();
+    let mount = std::fs::read_to_string(units.join("replfs-mount@.service")).unwrap();
+    for needle in [
+        "ExecStart=/usr/bin/replfs mirror --config /etc/replfs/mirror.toml --state /var/lib/replfs/mirror",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+    ] {
+        assert!(mirror.contains(needle), "mirror unit lacks {needle}");
+    }
+    for needle in [
+        "EnvironmentFile=/etc/replfs/%i.env",
+        "--state /var/lib/replfs/%i --config /etc/replfs/%i.toml",
+        " -f\n",
+        "ExecStop=-/usr/bin/fusermount3 -u ${MOUNTPOINT}",
+        "After=network-online.target",
+        "Restart=on-failure",
+    ] {
+        assert!(mount.contains(needle), "mount unit lacks {needle}");
+    }
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("systemd-analyze not installed: unit syntax not verified");
+        return;
+    }
+    // Verify copies that run the binary under test (/usr/bin/replfs is not
+    // installed here), the template as an instance.
+    let tmp = tempdir();
+    let fix = |s: &str| s.replace("/usr/bin/replfs", BIN);
+    let a = tmp.path().join("replfs-mirror.service");
+    let b = tmp.path().join("replfs-mount@vol1.service");
+    std::fs::write(&a, fix(&mirror)).unwrap();
+    std::fs::write(tmp.path().join("replfs-mount@.service"), fix(&mount)).unwrap();
+    std::fs::write(&b, fix(&mount)).unwrap();
+    let o = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "systemd-analyze verify: {}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("replfs-m"),
+        "systemd-analyze complains: {err}"
+    );
+}
+
+/// The asset list in Cargo.toml: sources that exist in the tree, and
+/// generated ones under target/packaging/ that build-deb.sh produces.
+fn deb_assets() -> Vec<(String, String)> {
+    let cargo: toml::Value =
+        toml::from_str(&std::fs::read_to_string(root().join("Cargo.toml")).unwrap()).unwrap();
+    let deb = &cargo["package"]["metadata"]["deb"];
+    assert!(
+        deb["depends"].as_str().unwrap().contains("fuse3"),
+        "the package must depend on fuse3"
+    );
+    deb["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_array().unwrap();
+            (
+                a[0].as_str().unwrap().to_string(),
+                a[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn deb_assets_are_complete() {
+    let assets = deb_assets();
+    let dests: Vec<&str> = assets.iter().map(|(_, d)| d.as_str()).collect();
+    for d in [
+        "usr/bin/",
+        "sbin/mount.replfs",
+        "lib/systemd/system/",
+        "etc/replfs/replfs.example.toml",
+        "usr/share/man/man1/",
+        "usr/share/bash-completion/completions/replfs",
+    ] {
+        assert!(dests.contains(&d), "no asset installs to {d}");
+    }
+    let script = std::fs::read_to_string(root().join("packaging/build-deb.sh")).unwrap();
+    for (src, _) in &assets {
+        if let Some(generated) = src.strip_prefix("target/packaging/") {
+            // Produced by build-deb.sh: check it names what gen-* write.
+            let name = generated.rsplit('/').next().unwrap();
+            assert!(
+                ["*.1.gz", "replfs.bash", "_replfs", "replfs.fish"].contains(&name),
+                "unexpected generated asset {src}"
+            );
+            assert!(script.contains("gen-man") && script.contains("gen-completions"));
+        } else if src != "target/release/replfs" {
+            assert!(root().join(src).exists(), "asset {src} missing");
+        }
+    }
+}
+
+#[test]
+fn deb_package_contents() {
+    let have_cargo_deb = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have_cargo_deb {
+        println!(
+            "cargo-deb not installed: .deb not built (asset list checked by deb_assets_are_complete)"
+        );
+        return;
+    }
+    let o = Command::new(root().join("packaging/build-deb.sh"))
+        .current_dir(root())
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "build-deb.sh: {}", text(&o));
+    let debs: Vec<PathBuf> = std::fs::read_dir(root().join("target/debian"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with(&format!("replfs_{}", env!("CARGO_PKG_VERSION"))) && n.ends_with(".deb")
+        })
+        .collect();
+    assert_eq!(debs.len(), 1, "{debs:?}");
+    let o = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&debs[0])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let list = String::from_utf8_lossy(&o.stdout);
+    for f in [
+        "./usr/bin/replfs",
+        "./sbin/mount.replfs",
+        "./lib/systemd/system/replfs-mirror.service",
+        "./lib/systemd/system/replfs-mount@.service",
+        "./etc/replfs/replfs.example.toml",
+        "./usr/share/man/man1/replfs.1.gz",
+        "./usr/share/man/man1/replfs-mount.1.gz",
+        "./usr/share/bash-completion/completions/replfs",
+        "./usr/share/zsh/vendor-completions/_replfs",
+    ] {
+        assert!(
+            list.lines().any(|l| l.ends_with(f)),
+            "{f} not in the package:\n{list}"
+        );
+    }
+    let o = Command::new("dpkg-deb")
+        .args(["-I"])
+        .arg(&debs[0])
+        .arg("conffiles")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("/etc/replfs/replfs.example.toml"),
+        "{}",
+        text(&o)
+    );
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let m = mnt.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
+}
+
+/// Whether a daemon answers `replfs status` on STATE; None when status
+/// itself failed (a daemon closing its control socket mid-request).
+fn daemon_running(state: &Path) -> Option<bool> {
+    let o = Command::new(BIN)
+        .args(["status", "--json", "--state"])
+        .arg(state)
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        eprintln!("status failed (retrying): {}", text(&o));
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    Some(v["daemon"].as_bool().expect("status has daemon"))
+}
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("fusermount3").arg("-u").arg(&self.0).status();
+            if is_mounted(&self.0) {
+                let _ = Command::new("fusermount3").arg("-uz").arg(&self.0).status();
+            }
+        }
+    }
+}
+
+#[test]
+fn mount_helper_mounts_for_real() {
+    let tmp = tempdir();
+    let (backing, mnt, state) = (
+        tmp.path().join("backing"),
+        tmp.path().join("mnt"),
+        tmp.path().join("state"),
+    );
+    for d in [&backing, &mnt, &state] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let guard = Unmount(mnt.clone());
+    let o = Command::new(helper())
+        .arg(&backing)
+        .arg(&mnt)
+        .arg("-o")
+        .arg(format!("state={},_netdev,defaults", state.display()))
+        .env("REPLFS_BIN", BIN)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mount.replfs: {}", text(&o));
+    // The helper returns once the daemon says the mount is live.
+    assert!(is_mounted(&mnt), "not in mountinfo after mount.replfs");
+    std::fs::write(mnt.join("hello"), b"through the mount\n").unwrap();
+    assert_eq!(
+        std::fs::read(backing.join("hello")).unwrap(),
+        b"through the mount\n"
+    );
+    assert_eq!(
+        daemon_running(&state),
+        Some(true),
+        "no daemon answers on the state dir"
+    );
+
+    let o = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "fusermount3 -u: {}", text(&o));
+    assert!(!is_mounted(&mnt));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemon_running(&state) != Some(false) {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not exit within 30s of the unmount"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The change was logged: the WAL holds the create and the write.
+    let o = Command::new(BIN)
+        .args(["log", "dump", "--json", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("hello"));
+    drop(guard);
+}
