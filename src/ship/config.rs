@@ -67,7 +67,7 @@ impl Default for ShipConfig {
             io_timeout: Duration::from_secs(60),
             keepalive: Duration::from_secs(15),
             min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(10),
             poll_interval: Duration::from_millis(2),
             rpo: None,
             rpo_hook: None,

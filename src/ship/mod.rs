@@ -168,6 +168,12 @@ impl Ctx {
             match self.session(mode) {
                 Ok(Outcome::Stopped | Outcome::Drained) => return,
                 Err(e) => {
+                    // A link that was up starts the backoff over: the
+                    // mirror is probably back in a moment (a restart).
+                    if self.stats.link.lock().connected {
+                        backoff = self.cfg.min_backoff;
+                        last_err.clear();
+                    }
                     let msg = format!("{e:#}");
                     if msg != last_err {
                         warn!(
