@@ -1,0 +1,212 @@
+//! Open files: open/create, read, write, fsync, fallocate, lseek, copy_file_range.
+
+use super::*;
+
+// ---- files -------------------------------------------------------------
+
+/// Flags the backing open must not see: the kernel already did their work
+/// (O_TRUNC arrives as a setattr; O_APPEND offsets are computed by the kernel).
+const STRIP_OPEN: i32 =
+    libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_APPEND | libc::O_DIRECT;
+
+impl Core {
+    pub fn open(&self, ino: u64, flags: i32) -> Res<u64> {
+        let node = self.node(ino)?;
+        // The kernel never opens a symlink through FUSE; the O_PATH descriptor
+        // is reopened through its /proc magic link, which must be followed.
+        let fd = sys::reopen(node.raw(), flags & !STRIP_OPEN & !libc::O_NOFOLLOW)?;
+        Ok(self.add_handle(node, fd))
+    }
+
+    pub fn opendir(&self, ino: u64) -> Res<u64> {
+        let node = self.node(ino)?;
+        let fd = sys::reopen(node.raw(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+        Ok(self.add_handle(node, fd))
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().remove(&fh);
+    }
+
+    /// create(2) with O_CREAT: a new file, or the existing one when it raced in
+    /// (then O_TRUNC, if asked, is logged as a truncate).
+    pub fn create(
+        &self,
+        who: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> Res<(Arc<Inode>, libc::stat, u64)> {
+        self.admit()?;
+        let ns = self.ns.write();
+        let p = self.node(parent)?;
+        let c = cname(name)?;
+        let pst = sys::fstat(p.raw())?;
+        let mode = (mode & !(umask & 0o777)) & 0o7777;
+        let open_flags = (flags & !STRIP_OPEN) | libc::O_NOFOLLOW;
+        let path = Self::child_path(&p, name)?;
+        let m = self.mark(&[Some(&path)]);
+        let (fd, lsn, node, st) =
+            match sys::openat(p.raw(), &c, open_flags | libc::O_CREAT | libc::O_EXCL, mode) {
+                Ok(fd) => {
+                    self.own(&pst, &p, &c, who, mode)?;
+                    let (node, st, lsn) = self.created(&p, name, path, NodeKind::File, 0)?;
+                    (fd, lsn, node, st)
+                }
+                Err(Errno(libc::EEXIST)) if flags & libc::O_EXCL == 0 => {
+                    let fd = sys::openat(p.raw(), &c, open_flags, 0)?;
+                    let (node, _) = self.lookup_locked(p.ino, name)?;
+                    let mut lsn = 0;
+                    if flags & libc::O_TRUNC != 0 {
+                        sys::ftruncate(fd.as_raw_fd(), 0)?;
+                        let st = sys::fstat(fd.as_raw_fd())?;
+                        lsn = self.log_node(&node, Some(path), &st, |path| Op::Truncate {
+                            path,
+                            size: 0,
+                            attr: attr_of(&st),
+                        })?;
+                    }
+                    let st = sys::fstat(fd.as_raw_fd())?;
+                    (fd, lsn, node, st)
+                }
+                Err(e) => return Err(e),
+            };
+        drop((m, ns));
+        self.commit(lsn)?;
+        let fh = self.add_handle(node.clone(), fd);
+        Ok((node, st, fh))
+    }
+
+    pub fn read(&self, fh: u64, off: u64, size: u32) -> Res<Vec<u8>> {
+        let h = self.handle(fh)?;
+        sys::pread_full(h.fd.as_raw_fd(), size as usize, off)
+    }
+
+    pub fn write(&self, fh: u64, off: u64, data: &[u8], kill_suidgid: bool) -> Res<u32> {
+        self.admit()?;
+        let h = self.handle(fh)?;
+        let ns = self.ns.read();
+        let d = h.node.data.lock();
+        let path = h.node.path();
+        let m = self.mark(&[path.as_deref()]);
+        let fd = h.fd.as_raw_fd();
+        sys::pwrite_all(fd, data, off)?;
+        let mut st = sys::fstat(fd)?;
+        if kill_suidgid && st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+            self.kill_suidgid(&h.node, &st)?;
+            st = sys::fstat(fd)?;
+        }
+        let lsn = self.log_node(&h.node, path, &st, |path| Op::Write {
+            path,
+            offset: off,
+            data: Cow::Borrowed(data),
+            attr: attr_of(&st),
+        })?;
+        drop((m, d, ns));
+        self.commit(lsn)?;
+        Ok(data.len() as u32)
+    }
+
+    /// FUSE_HANDLE_KILLPRIV_V2: a write by an unprivileged writer clears
+    /// suid (and sgid when group-executable) and file capabilities.
+    fn kill_suidgid(&self, node: &Inode, st: &libc::stat) -> Res<()> {
+        let mut mode = st.st_mode & 0o7777 & !libc::S_ISUID;
+        if st.st_mode & libc::S_IXGRP != 0 {
+            mode &= !libc::S_ISGID;
+        }
+        sys::fchmodat(libc::AT_FDCWD, &sys::proc_path(node.raw()), mode)?;
+        match sys::removexattr(node.raw(), c"security.capability") {
+            Ok(()) | Err(Errno(libc::ENODATA)) | Err(Errno(libc::EOPNOTSUPP)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// fsync/fdatasync: the backing file and every WAL record of this inode
+    /// up to now are durable when this returns.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Res<()> {
+        let h = self.handle(fh)?;
+        sys::fsync(h.fd.as_raw_fd(), datasync)?;
+        let lsn = h.node.last_lsn.load(Ordering::Acquire);
+        self.wal.sync(lsn).map_err(Errno::from)
+    }
+
+    /// fsyncdir: the directory and every record logged so far are durable.
+    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> Res<()> {
+        let h = self.handle(fh)?;
+        sys::fsync(h.fd.as_raw_fd(), datasync)?;
+        self.wal.sync(self.wal.head_lsn()).map_err(Errno::from)
+    }
+
+    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Res<()> {
+        self.admit()?;
+        let h = self.handle(fh)?;
+        let ns = self.ns.read();
+        let d = h.node.data.lock();
+        let path = h.node.path();
+        let m = self.mark(&[path.as_deref()]);
+        let fd = h.fd.as_raw_fd();
+        sys::fallocate(fd, mode, off, len)?;
+        let st = sys::fstat(fd)?;
+        let lsn = self.log_node(&h.node, path, &st, |path| Op::Fallocate {
+            path,
+            mode,
+            offset: off,
+            len,
+            attr: attr_of(&st),
+        })?;
+        drop((m, d, ns));
+        self.commit(lsn)
+    }
+
+    pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Res<i64> {
+        let h = self.handle(fh)?;
+        sys::lseek(h.fd.as_raw_fd(), off, whence)
+    }
+
+    /// copy_file_range: copied by the backing filesystem, logged as the bytes
+    /// that landed in the destination (read back under the destination's lock).
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Res<u32> {
+        self.admit()?;
+        let (hi, ho) = (self.handle(fh_in)?, self.handle(fh_out)?);
+        let ns = self.ns.read();
+        let same = Arc::ptr_eq(&hi.node, &ho.node);
+        let (_a, _b) = if same || ho.node.ino < hi.node.ino {
+            (ho.node.data.lock(), (!same).then(|| hi.node.data.lock()))
+        } else {
+            let b = hi.node.data.lock();
+            (ho.node.data.lock(), Some(b))
+        };
+        let len = len.min(1 << 30);
+        let path = ho.node.path();
+        let m = self.mark(&[path.as_deref()]);
+        let n = sys::copy_file_range(hi.fd.as_raw_fd(), off_in, ho.fd.as_raw_fd(), off_out, len)?;
+        let fd = ho.fd.as_raw_fd();
+        let st = sys::fstat(fd)?;
+        let mut lsn = 0;
+        let mut done = 0usize;
+        while done < n {
+            let chunk = (n - done).min(1 << 20);
+            let off = off_out + done as u64;
+            let data = sys::pread_full(fd, chunk, off)?;
+            lsn = self.log_node(&ho.node, path.clone(), &st, |path| Op::Write {
+                path,
+                offset: off,
+                data: Cow::Owned(data),
+                attr: attr_of(&st),
+            })?;
+            done += chunk;
+        }
+        drop((m, _a, _b, ns));
+        self.commit(lsn)?;
+        Ok(n as u32)
+    }
+}
