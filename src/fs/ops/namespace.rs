@@ -52,6 +52,32 @@ impl Core {
         Ok((node, st, lsn))
     }
 
+    /// The shape mknod and mkdir share: under the namespace lock, mark the
+    /// path, make the node with `make`, give it to the caller, register and
+    /// log it, then wait for durability if the mode asks for it.
+    fn new_node(
+        &self,
+        who: Caller,
+        (parent, name): (u64, &OsStr),
+        own_mode: u32,
+        (kind, rdev): (NodeKind, u64),
+        make: impl FnOnce(&Inode, &CStr) -> Res<()>,
+    ) -> Res<(Arc<Inode>, libc::stat)> {
+        self.admit()?;
+        let ns = self.ns.write();
+        let p = self.node(parent)?;
+        let c = cname(name)?;
+        let pst = sys::fstat(p.raw())?;
+        let path = Self::child_path(&p, name)?;
+        let m = self.mark(&[Some(&path)]);
+        make(&p, &c)?;
+        self.own(&pst, &p, &c, who, own_mode)?;
+        let (node, st, lsn) = self.created(&p, name, path, kind, rdev)?;
+        drop((m, ns));
+        self.commit(lsn)?;
+        Ok((node, st))
+    }
+
     pub fn mknod(
         &self,
         who: Caller,
@@ -61,16 +87,7 @@ impl Core {
         umask: u32,
         rdev: u32,
     ) -> Res<(Arc<Inode>, libc::stat)> {
-        self.admit()?;
-        let ns = self.ns.write();
-        let p = self.node(parent)?;
-        let c = cname(name)?;
-        let pst = sys::fstat(p.raw())?;
         let mode = mode & !(umask & 0o777);
-        let path = Self::child_path(&p, name)?;
-        let m = self.mark(&[Some(&path)]);
-        sys::mknodat(p.raw(), &c, mode, rdev as u64)?;
-        self.own(&pst, &p, &c, who, mode)?;
         let kind = match mode & libc::S_IFMT {
             libc::S_IFIFO => NodeKind::Fifo,
             libc::S_IFSOCK => NodeKind::Socket,
@@ -78,10 +95,9 @@ impl Core {
             libc::S_IFBLK => NodeKind::BlockDev,
             _ => NodeKind::File,
         };
-        let (node, st, lsn) = self.created(&p, name, path, kind, rdev as u64)?;
-        drop((m, ns));
-        self.commit(lsn)?;
-        Ok((node, st))
+        self.new_node(who, (parent, name), mode, (kind, rdev as u64), |p, c| {
+            sys::mknodat(p.raw(), c, mode, rdev as u64)
+        })
     }
 
     pub fn mkdir(
@@ -92,20 +108,15 @@ impl Core {
         mode: u32,
         umask: u32,
     ) -> Res<(Arc<Inode>, libc::stat)> {
-        self.admit()?;
-        let ns = self.ns.write();
-        let p = self.node(parent)?;
-        let c = cname(name)?;
-        let pst = sys::fstat(p.raw())?;
         let mode = mode & !(umask & 0o777) & 0o7777;
-        let path = Self::child_path(&p, name)?;
-        let m = self.mark(&[Some(&path)]);
-        sys::mkdirat(p.raw(), &c, mode)?;
-        self.own(&pst, &p, &c, who, mode & !libc::S_ISGID)?;
-        let (node, st, lsn) = self.created(&p, name, path, NodeKind::Dir, 0)?;
-        drop((m, ns));
-        self.commit(lsn)?;
-        Ok((node, st))
+        // The backing filesystem passes a setgid parent's bit on by itself.
+        self.new_node(
+            who,
+            (parent, name),
+            mode & !libc::S_ISGID,
+            (NodeKind::Dir, 0),
+            |p, c| sys::mkdirat(p.raw(), c, mode),
+        )
     }
 
     pub fn symlink(
