@@ -122,10 +122,9 @@ impl BacklogProbe {
             return Ok(None);
         };
         let t = frame.header.time_ns;
+        // The scanner now stands after `lsn`: a repeat call for the same LSN
+        // uses `found`, a later one continues from here.
         self.found = Some((lsn, t, *first, off));
-        // The scanner moved past `lsn`: drop it so a repeat call for the same
-        // LSN uses `found`, and a later one reopens at the right place.
-        self.scanner = None;
         Ok(Some((t, *first, off)))
     }
 }

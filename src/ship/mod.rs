@@ -42,7 +42,6 @@ pub struct LinkState {
 #[derive(Debug, Default)]
 pub struct ShipStats {
     pub acked_lsn: AtomicU64,
-    pub sent_lsn: AtomicU64,
     /// Bytes put on the wire (after compression), and the record bytes they carried.
     pub wire_bytes: AtomicU64,
     pub raw_bytes: AtomicU64,
@@ -96,6 +95,7 @@ impl Shipper {
             stop: stop.clone(),
             stats: stats.clone(),
             throttle: args.throttle,
+            last_retire: std::cell::Cell::new((None, 0)),
         };
         let thread = std::thread::Builder::new()
             .name("shipper".into())
@@ -151,6 +151,9 @@ struct Ctx {
     stop: Arc<AtomicBool>,
     stats: Arc<ShipStats>,
     throttle: Arc<Throttle>,
+    /// When segments were last retired: retiring lists the WAL directory, so
+    /// it runs at most once a second, not on every acknowledgement.
+    last_retire: std::cell::Cell<(Option<Instant>, Lsn)>,
 }
 
 fn now_secs() -> i64 {
@@ -166,7 +169,7 @@ impl Ctx {
         let mut last_err = String::new();
         while !self.stop.load(Ordering::Acquire) {
             match self.session(mode) {
-                Ok(Outcome::Stopped | Outcome::Drained) => return,
+                Ok(Outcome::Stopped | Outcome::Drained) => return self.retire(),
                 Err(e) => {
                     // A link that was up starts the backoff over: the
                     // mirror is probably back in a moment (a restart).
@@ -260,6 +263,23 @@ impl Ctx {
 
     fn acked(&self, lsn: Lsn) {
         self.stats.acked_lsn.fetch_max(lsn, Ordering::AcqRel);
+        self.maybe_retire();
+    }
+
+    /// Retires acknowledged segments if the acked LSN moved and the last
+    /// retirement is a second old (also called from the idle loop, so the
+    /// last acknowledgement of a burst is not left waiting).
+    fn maybe_retire(&self) {
+        let (at, done) = self.last_retire.get();
+        let acked = self.stats.acked_lsn.load(Ordering::Acquire);
+        if acked > done && at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            self.retire();
+        }
+    }
+
+    fn retire(&self) {
+        let lsn = self.stats.acked_lsn.load(Ordering::Acquire);
+        self.last_retire.set((Some(Instant::now()), lsn));
         if let Err(e) = self.wal.retire(lsn) {
             warn!("retiring WAL segments up to LSN {lsn}: {e}");
         }
@@ -298,7 +318,6 @@ impl Ctx {
                     .wire_bytes
                     .fetch_add(frame.len() as u64, Ordering::Relaxed);
                 self.stats.raw_bytes.fetch_add(raw, Ordering::Relaxed);
-                self.stats.sent_lsn.store(last, Ordering::Release);
                 in_flight.push_back(last);
                 sent = true;
             }
@@ -307,6 +326,7 @@ impl Ctx {
                 last_io = Instant::now();
                 idle_polls = 0;
             } else if in_flight.is_empty() {
+                self.maybe_retire();
                 self.nudge_durability(&mut durable_seen)?;
                 if mode == Mode::Drain
                     && self.stats.acked_lsn.load(Ordering::Acquire) >= self.wal.head_lsn()

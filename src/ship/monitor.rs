@@ -67,10 +67,6 @@ impl Monitor {
         Arc::new(ControlHandler(self.shared.clone()))
     }
 
-    pub fn snapshot(&self) -> Status {
-        self.shared.snapshot.lock().clone()
-    }
-
     /// Stops the thread after a last refresh (positions saved for offline status).
     pub fn stop(mut self) {
         self.shared.stop.store(true, Ordering::Release);

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::wal::reader::SegmentScanner;
+use crate::wal::reader::{SegmentEnd, SegmentScanner};
 use crate::wal::segment::{self, list_segments};
 use crate::wal::{Lsn, Record, WalError};
 
@@ -45,32 +45,30 @@ impl Tail {
         self.scanner.next_lsn()
     }
 
-    /// When records up to `durable` are known to be complete but the cursor
-    /// finds none at its position: corruption, reported with segment and offset.
+    /// Records up to `durable` are complete. If the cursor still finds none
+    /// at its position and the bytes there are debris rather than the clean
+    /// end of a segment (a roll, or a frame a live writer just finished), the
+    /// log is damaged: the error names the segment and offset.
     pub fn check_stuck(&mut self, durable: Lsn) -> Result<(), WalError> {
-        if durable >= self.next_lsn() {
-            self.scanner.refresh();
-            if self.scanner.next_frame()?.is_none() {
-                self.scanner.classify_end(true)?;
-                return Err(WalError::Corrupt {
-                    path: self.scanner.path().to_path_buf(),
-                    offset: self.scanner.position(),
-                    reason: format!("record {} is durable but cannot be read", self.next_lsn()),
-                });
-            }
-            // It was readable after all: step back is impossible, so reopen.
-            let state = self.dir.parent().map(Path::to_path_buf).unwrap_or_default();
-            *self = Tail::open(&state, self.next_lsn() - 1)?;
+        if durable < self.next_lsn() {
+            return Ok(());
         }
-        Ok(())
+        self.scanner.refresh();
+        match self.scanner.classify_end(true)? {
+            SegmentEnd::Clean => Ok(()),
+            SegmentEnd::Torn { offset, .. } => Err(WalError::Corrupt {
+                path: self.scanner.path().to_path_buf(),
+                offset,
+                reason: format!("record {} is durable but cannot be read", self.next_lsn()),
+            }),
+        }
     }
 
     /// The next record, or `None` when none is written yet.
     pub fn next_record(&mut self) -> Result<Option<Record>, WalError> {
         loop {
-            let path = self.scanner.path().to_path_buf();
-            if let Some(frame) = self.scanner.next_frame()? {
-                return frame.decode(&path).map(Some);
+            if let Some(rec) = self.scanner.next_record()? {
+                return Ok(Some(rec));
             }
             // End of data here: the writer may have moved to the next segment.
             let next = self

@@ -203,6 +203,28 @@ impl SegmentScanner {
         }))
     }
 
+    /// The next valid record, decoded; `None` like [`Self::next_frame`].
+    /// (No per-record allocation beyond the record itself: the shipper's loop.)
+    pub fn next_record(&mut self) -> Result<Option<Record>, WalError> {
+        let Some((offset, header)) = self.next_frame()?.map(|f| (f.offset, f.header)) else {
+            return Ok(None);
+        };
+        let stored = self
+            .rd
+            .bytes(offset + FRAME_HEADER_LEN as u64, header.stored_len())
+            .map_err(io_err("read", &self.path))?;
+        let op = codec::decode_stored(&header, stored).map_err(|e| WalError::Corrupt {
+            path: self.path.clone(),
+            offset,
+            reason: format!("record {} does not decode: {e}", header.lsn),
+        })?;
+        Ok(Some(Record {
+            lsn: header.lsn,
+            time_ns: header.time_ns,
+            op,
+        }))
+    }
+
     /// A structurally plausible header at `off` carrying `lsn`, if any.
     fn frame_at(&mut self, off: u64, lsn: Lsn) -> Result<Option<FrameHeader>, WalError> {
         let raw = self

@@ -248,11 +248,6 @@ impl Wal {
         Ok(())
     }
 
-    /// True while no spare segment could be prepared (whatever the policy).
-    pub fn is_full(&self) -> bool {
-        self.inner.shared.full.load(Acquire)
-    }
-
     /// Logs a change that already happened; returns its LSN once the record
     /// is in the page cache (one `pwritev`).
     pub fn append(&self, op: &Op<'_>) -> Result<Lsn, WalError> {

@@ -12,7 +12,7 @@ impl Core {
         let _g = h.dir_lock.lock();
         let mut ents = sys::read_dir_at(&h.fd, off, buf)?;
         for e in &mut ents {
-            e.ino = self.dirent_ino(e.ino);
+            e.ino = self.inodes.dirent_ino(e.ino);
         }
         Ok(ents)
     }

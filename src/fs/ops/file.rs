@@ -85,27 +85,23 @@ impl Core {
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8], kill_suidgid: bool) -> Res<u32> {
-        self.admit()?;
         let h = self.handle(fh)?;
-        let ns = self.ns.read();
-        let d = h.node.data.lock();
-        let path = h.node.path();
-        let m = self.mark(&[path.as_deref()]);
         let fd = h.fd.as_raw_fd();
-        sys::pwrite_all(fd, data, off)?;
-        let mut st = sys::fstat(fd)?;
-        if kill_suidgid && st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
-            self.kill_suidgid(&h.node, &st)?;
-            st = sys::fstat(fd)?;
-        }
-        let lsn = self.log_node(&h.node, path, &st, |path| Op::Write {
+        let apply = || {
+            sys::pwrite_all(fd, data, off)?;
+            let st = sys::fstat(fd)?;
+            if kill_suidgid && st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                self.kill_suidgid(&h.node, &st)?;
+                return sys::fstat(fd);
+            }
+            Ok(st)
+        };
+        self.change(&h.node, apply, |path, st| Op::Write {
             path,
             offset: off,
             data: Cow::Borrowed(data),
-            attr: attr_of(&st),
+            attr: attr_of(st),
         })?;
-        drop((m, d, ns));
-        self.commit(lsn)?;
         Ok(data.len() as u32)
     }
 
@@ -140,24 +136,17 @@ impl Core {
     }
 
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Res<()> {
-        self.admit()?;
         let h = self.handle(fh)?;
-        let ns = self.ns.read();
-        let d = h.node.data.lock();
-        let path = h.node.path();
-        let m = self.mark(&[path.as_deref()]);
         let fd = h.fd.as_raw_fd();
-        sys::fallocate(fd, mode, off, len)?;
-        let st = sys::fstat(fd)?;
-        let lsn = self.log_node(&h.node, path, &st, |path| Op::Fallocate {
+        let apply = || sys::fallocate(fd, mode, off, len).and_then(|()| sys::fstat(fd));
+        self.change(&h.node, apply, |path, st| Op::Fallocate {
             path,
             mode,
             offset: off,
             len,
-            attr: attr_of(&st),
-        })?;
-        drop((m, d, ns));
-        self.commit(lsn)
+            attr: attr_of(st),
+        })
+        .map(drop)
     }
 
     pub fn lseek(&self, fh: u64, off: i64, whence: i32) -> Res<i64> {

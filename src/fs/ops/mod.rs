@@ -142,11 +142,6 @@ impl Core {
         fh
     }
 
-    /// d_ino for a readdir entry: the table's number when known, else the backing one.
-    pub fn dirent_ino(&self, backing_ino: u64) -> u64 {
-        self.inodes.dirent_ino(backing_ino)
-    }
-
     /// Before a change touches the backing directory: may the WAL take it?
     fn admit(&self) -> Res<()> {
         match self.wal.admit() {
@@ -203,6 +198,28 @@ impl Core {
     fn mark(&self, paths: &[Option<&[u8]>]) -> Mark<'_> {
         let p: Vec<&[u8]> = paths.iter().map(|p| p.unwrap_or(b"")).collect();
         self.inflight.begin(&p)
+    }
+
+    /// The one shape of a change to an existing inode's data or attributes:
+    /// ordered by the shared namespace lock and the inode's data lock, marked
+    /// in flight, applied (`apply` returns the inode's stat afterwards), then
+    /// logged with the metadata it left; durability is awaited after unlocking.
+    fn change<'a>(
+        &self,
+        node: &Inode,
+        apply: impl FnOnce() -> Res<libc::stat>,
+        record: impl FnOnce(Vec<u8>, &libc::stat) -> Op<'a>,
+    ) -> Res<libc::stat> {
+        self.admit()?;
+        let ns = self.ns.read();
+        let d = node.data.lock();
+        let path = node.path();
+        let m = self.mark(&[path.as_deref()]);
+        let st = apply()?;
+        let lsn = self.log_node(node, path, &st, |p| record(p, &st))?;
+        drop((m, d, ns));
+        self.commit(lsn)?;
+        Ok(st)
     }
 
     /// Logs a data/attribute change of `node` at `path` (computed before the

@@ -1,5 +1,7 @@
 //! Extended attributes: get, list, set, remove.
 
+use std::os::unix::ffi::OsStrExt;
+
 use super::*;
 
 // ---- extended attributes -------------------------------------------------
@@ -16,39 +18,26 @@ impl Core {
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Res<()> {
-        use std::os::unix::ffi::OsStrExt;
-        self.admit()?;
-        let ns = self.ns.read();
         let node = self.node(ino)?;
-        let d = node.data.lock();
-        let path = node.path();
-        let m = self.mark(&[path.as_deref()]);
-        sys::setxattr(node.raw(), &cname(name)?, value, flags)?;
-        let st = sys::fstat(node.raw())?;
-        let lsn = self.log_node(&node, path, &st, |path| Op::SetXattr {
+        let c = cname(name)?;
+        let apply =
+            || sys::setxattr(node.raw(), &c, value, flags).and_then(|()| sys::fstat(node.raw()));
+        self.change(&node, apply, |path, _| Op::SetXattr {
             path,
             name: name.as_bytes().to_vec(),
             value: Cow::Borrowed(value),
-        })?;
-        drop((m, d, ns));
-        self.commit(lsn)
+        })
+        .map(drop)
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Res<()> {
-        use std::os::unix::ffi::OsStrExt;
-        self.admit()?;
-        let ns = self.ns.read();
         let node = self.node(ino)?;
-        let d = node.data.lock();
-        let path = node.path();
-        let m = self.mark(&[path.as_deref()]);
-        sys::removexattr(node.raw(), &cname(name)?)?;
-        let st = sys::fstat(node.raw())?;
-        let lsn = self.log_node(&node, path, &st, |path| Op::RemoveXattr {
+        let c = cname(name)?;
+        let apply = || sys::removexattr(node.raw(), &c).and_then(|()| sys::fstat(node.raw()));
+        self.change(&node, apply, |path, _| Op::RemoveXattr {
             path,
             name: name.as_bytes().to_vec(),
-        })?;
-        drop((m, d, ns));
-        self.commit(lsn)
+        })
+        .map(drop)
     }
 }
