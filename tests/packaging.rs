@@ -329,7 +329,7 @@ fn deb_assets_are_complete() {
 }
 
 #[test]
-fn deb_package_contents() {
+fn deb_package_contents_when_cargo_deb_is_installed() {
     let have_cargo_deb = Command::new("cargo")
         .args(["deb", "--version"])
         .output()
