@@ -143,6 +143,10 @@ fn crash_between_change_and_record_marks_the_path_for_resync() {
     let resync: Vec<_> = recs.iter().filter(|r| r["op"] == "resync").collect();
     assert_eq!(resync.len(), 1, "{recs:?}");
     assert_eq!(resync[0]["path"], "dir/victim");
+    // The parent's metadata as BACKING has it follows, so its mtime converges.
+    let at = recs.iter().position(|r| r["op"] == "resync").unwrap();
+    assert_eq!(recs[at + 1]["op"], "setattr", "{:?}", recs[at + 1]);
+    assert_eq!(recs[at + 1]["path"], "dir");
     assert!(
         recs.iter()
             .any(|r| r["op"] == "write" && r["path"] == "dir/bystander")

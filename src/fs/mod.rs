@@ -92,7 +92,7 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
         );
     }
     let (inflight, left) = inflight::Inflight::open(&args.state)?;
-    mark_left_over(&wal, left)?;
+    mark_left_over(&wal, &args.backing, left)?;
     let ship_wal = wal.clone();
     let core = Arc::new(ops::Core::new(&args.backing, wal, inflight, &args.config)?);
     let fs = fuse::ReplFs::new(core.clone(), args.config.mount.attr_timeout);
@@ -139,21 +139,51 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
 
 /// Changes that were in flight when a previous run died may be in BACKING
 /// but not in the log: log their paths as needing resync, durably, before
-/// anything else happens.
-fn mark_left_over(wal: &Wal, paths: Vec<Vec<u8>>) -> Result<()> {
+/// anything else happens. A change to an entry also changed its parent
+/// directory's mtime: the parent's metadata as BACKING has it now is logged
+/// too, so the replica's parent converges without a resync of its subtree.
+fn mark_left_over(wal: &Wal, backing: &Path, paths: Vec<Vec<u8>>) -> Result<()> {
     for path in paths {
         warn!(
             "a change to {:?} was in flight when the previous run stopped; logging it as needing resync",
             String::from_utf8_lossy(&path)
         );
-        let op = crate::wal::Op::Resync {
+        let parent = parent_attr(backing, &path);
+        let mut lsn = wal.append(&crate::wal::Op::Resync {
             path,
             reason: "change in flight when the mount process died".into(),
-        };
-        let lsn = wal.append(&op)?;
+        })?;
+        if let Some(op) = parent {
+            lsn = wal.append(&op)?;
+        }
         wal.sync(lsn)?;
     }
     Ok(())
+}
+
+/// A SetAttr record of the parent directory of `path` as it is in BACKING
+/// (None for the root itself or a parent that no longer exists).
+fn parent_attr(backing: &Path, path: &[u8]) -> Option<crate::wal::Op<'static>> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    if path.is_empty() {
+        return None;
+    }
+    let parent = path
+        .iter()
+        .rposition(|&b| b == b'/')
+        .map_or(&path[..0], |i| &path[..i]);
+    let md = std::fs::symlink_metadata(backing.join(std::ffi::OsStr::from_bytes(parent))).ok()?;
+    md.is_dir().then(|| crate::wal::Op::SetAttr {
+        path: parent.to_vec(),
+        attr: crate::wal::Attr {
+            mode: md.mode(),
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime: ops::ts(md.mtime(), md.mtime_nsec()),
+        },
+        atime: None,
+    })
 }
 
 fn session_config(args: &MountArgs) -> fuser::Config {
