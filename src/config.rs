@@ -30,6 +30,9 @@ pub enum OnWalFull {
     Fail,
     /// Let the change through and record its path as needing resync.
     Resync,
+    /// Make the writer wait until the shipper frees space (the mirror
+    /// acknowledged records and their segments were retired).
+    Block,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -49,6 +52,11 @@ pub struct WalConfig {
     #[serde(deserialize_with = "de_size")]
     pub compress_min: u64,
     pub on_wal_full: OnWalFull,
+    /// Upper bound of the WAL's disk use (all segments, spare included);
+    /// reaching it makes the WAL full (`on_wal_full`). 0 = no limit but the
+    /// disk's free space.
+    #[serde(deserialize_with = "de_size")]
+    pub max_size: u64,
     /// Acknowledged segments are kept at least this long after their last
     /// write, so `log replay` can reach back that far (point-in-time
     /// recovery); 0 = retire as soon as the mirror acknowledged them.
@@ -64,6 +72,7 @@ impl Default for WalConfig {
             segment_size: 64 << 20,
             compress_min: 0,
             on_wal_full: OnWalFull::Fail,
+            max_size: 0,
             retain: Duration::ZERO,
         }
     }
@@ -153,6 +162,9 @@ impl MirrorConfig {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Glob patterns of paths served through the mount but never logged,
+    /// shipped or synced (see `crate::exclude`).
+    pub exclude: Vec<String>,
     pub wal: WalConfig,
     pub mount: MountConfig,
     #[serde(default)]
@@ -185,6 +197,14 @@ impl Config {
         if self.mount.threads == 0 || self.mount.threads > 64 {
             bail!("mount.threads must be between 1 and 64");
         }
+        if self.wal.max_size != 0 && self.wal.max_size < 3 * self.wal.segment_size {
+            bail!(
+                "wal.max_size must be 0 (no limit) or at least 3 segments ({} bytes): \
+                 the active segment, its spare and one to retire",
+                3 * self.wal.segment_size
+            );
+        }
+        crate::exclude::Excludes::new(&self.exclude)?;
         self.mirror.validate()?;
         self.ship.validate()?;
         self.throttle.validate()?;

@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod exclude;
 pub mod fs;
 pub mod mirror;
 pub mod proto;

@@ -48,6 +48,9 @@ pub struct ShipConfig {
     /// REPLFS_VOLUME, REPLFS_LAG_SECONDS, REPLFS_LAG_RECORDS, REPLFS_LAG_BYTES
     /// and REPLFS_RPO_SECONDS in its environment.
     pub rpo_hook: Option<String>,
+    /// When the shipper is behind, writes inside one batch that later writes
+    /// of the same batch overwrite are sent once, with the latest data.
+    pub coalesce: bool,
 }
 
 fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -71,6 +74,7 @@ impl Default for ShipConfig {
             poll_interval: Duration::from_millis(2),
             rpo: None,
             rpo_hook: None,
+            coalesce: false,
         }
     }
 }

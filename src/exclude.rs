@@ -1,0 +1,157 @@
+//! Exclude patterns (`exclude = ["*.tmp", "cache/**"]` in the config): paths
+//! served through the mount like any other but never logged, shipped or
+//! synced to the mirror.
+//!
+//! Patterns are globs matched against the path relative to the root
+//! (`globset` syntax: `*`, `?`, `[...]`, `{a,b}`, `**`), like `.gitignore`:
+//! - a pattern without `/` matches a name at any depth (`*.tmp` excludes
+//!   `a.tmp` and `x/y/b.tmp`);
+//! - a pattern with a `/` is anchored at the root (`cache/**` excludes
+//!   everything below the top-level `cache`; a leading `/` is ignored);
+//! - `*` and `?` never match `/`; `**` matches any number of components.
+//!
+//! A path is excluded when it or any of its ancestors matches, so
+//! everything below an excluded directory is excluded too.
+
+use anyhow::{Context, Result};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+/// A compiled exclude list.
+#[derive(Clone, Debug)]
+pub struct Excludes {
+    set: GlobSet,
+    patterns: Vec<String>,
+}
+
+impl Default for Excludes {
+    fn default() -> Self {
+        Excludes {
+            set: GlobSet::empty(),
+            patterns: Vec::new(),
+        }
+    }
+}
+
+impl Excludes {
+    /// Compiles the patterns; a bad one is an error naming it.
+    pub fn new(patterns: &[String]) -> Result<Excludes> {
+        let mut b = GlobSetBuilder::new();
+        for p in patterns {
+            let t = p.trim();
+            if t.is_empty() || t == "/" {
+                anyhow::bail!("exclude pattern {p:?} is empty");
+            }
+            let anchored = t.trim_start_matches('/');
+            let anchored = anchored.trim_end_matches('/');
+            let glob = if t.contains('/') && !t.trim_end_matches('/').is_empty() {
+                anchored.to_string()
+            } else {
+                format!("**/{anchored}")
+            };
+            let g = GlobBuilder::new(&glob)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .with_context(|| format!("bad exclude pattern {p:?}"))?;
+            b.add(g);
+        }
+        let set = b.build().context("compiling the exclude patterns")?;
+        Ok(Excludes {
+            set,
+            patterns: patterns.to_vec(),
+        })
+    }
+
+    /// No pattern at all.
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// The patterns as given, one per line: stored by the mount so that a
+    /// changed list can be detected (and the replica brought in line).
+    pub fn fingerprint(&self) -> String {
+        self.patterns.join("\n")
+    }
+
+    /// Is `path` (relative, `/`-separated; empty = the root) or one of its
+    /// ancestors excluded? The root never is.
+    pub fn is_excluded(&self, path: &[u8]) -> bool {
+        if self.patterns.is_empty() || path.is_empty() {
+            return false;
+        }
+        let mut end = 0;
+        while end < path.len() {
+            end = path[end..]
+                .iter()
+                .position(|&c| c == b'/')
+                .map_or(path.len(), |i| end + i);
+            if self.matches(&path[..end]) {
+                return true;
+            }
+            end += 1;
+        }
+        false
+    }
+
+    fn matches(&self, path: &[u8]) -> bool {
+        // Non-UTF-8 names are matched on their lossy form: a pattern can
+        // only name them with wildcards anyway.
+        let s = String::from_utf8_lossy(path);
+        self.set.is_match(s.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(p: &[&str]) -> Excludes {
+        Excludes::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn basename_patterns_match_at_any_depth() {
+        let e = ex(&["*.tmp"]);
+        assert!(e.is_excluded(b"a.tmp"));
+        assert!(e.is_excluded(b"x/y/b.tmp"));
+        assert!(!e.is_excluded(b"x/y/b.tmpx"));
+        assert!(!e.is_excluded(b"tmp"));
+        assert!(!e.is_excluded(b""));
+    }
+
+    #[test]
+    fn anchored_patterns_and_descendants() {
+        let e = ex(&["cache/**", "/build"]);
+        assert!(e.is_excluded(b"cache/a"));
+        assert!(e.is_excluded(b"cache/a/b/c"));
+        assert!(!e.is_excluded(b"cache"), "cache/** covers what is below cache");
+        assert!(!e.is_excluded(b"x/cache/a"), "anchored at the root");
+        assert!(e.is_excluded(b"build"));
+        assert!(e.is_excluded(b"build/out.o"), "below an excluded dir");
+        assert!(!e.is_excluded(b"src/build"));
+    }
+
+    #[test]
+    fn star_does_not_cross_directories() {
+        let e = ex(&["logs/*.log"]);
+        assert!(e.is_excluded(b"logs/a.log"));
+        assert!(!e.is_excluded(b"logs/old/a.log"));
+        let e = ex(&["logs/**/*.log"]);
+        assert!(e.is_excluded(b"logs/old/a.log"));
+    }
+
+    #[test]
+    fn bad_patterns_are_refused_by_name() {
+        let err = Excludes::new(&["a[".to_string()]).unwrap_err();
+        assert!(format!("{err:#}").contains("a["), "{err:#}");
+        assert!(Excludes::new(&["".to_string()]).is_err());
+        assert!(ex(&[]).is_empty());
+        assert!(!ex(&[]).is_excluded(b"anything"));
+    }
+
+    #[test]
+    fn non_utf8_names_match_wildcards() {
+        let e = ex(&["*.tmp"]);
+        assert!(e.is_excluded(b"d/\xff\xfe.tmp"));
+    }
+}
