@@ -21,6 +21,10 @@ pub const KEY_CLEAN_SHUTDOWN: &str = "clean_shutdown";
 pub const KEY_FORMAT_VERSION: &str = "wal_format_version";
 /// Key holding a random id naming this volume (shared with its mirror).
 pub const KEY_VOLUME_ID: &str = "volume_id";
+/// Key of this source's identity (see [`Catalog::source_id`]).
+pub const KEY_SOURCE_ID: &str = "source_id";
+/// Key of the backing directory the last `replfs mount` served (absolute).
+pub const KEY_BACKING: &str = "source.backing";
 const SCHEMA_VERSION: &str = "1";
 
 const SCHEMA: &str = "
@@ -207,6 +211,18 @@ impl Catalog {
         Ok(id)
     }
 
+    /// This source's identity towards mirrors (random, 16 hex digits, made
+    /// on first use): a mirror whose copy carries another id (or none) is
+    /// brought in line by a baseline before the log is shipped.
+    pub fn source_id(&self) -> Result<String, CatalogError> {
+        if let Some(id) = self.get(KEY_SOURCE_ID)? {
+            return Ok(id);
+        }
+        let id = format!("{:016x}", crate::wal::segment::new_salt());
+        self.set(KEY_SOURCE_ID, &id)?;
+        Ok(id)
+    }
+
     /// Records that `path` (empty = the whole tree) needs a resync.
     pub fn add_resync(&self, path: &[u8], reason: &str, lsn: Lsn) -> Result<(), CatalogError> {
         let now = crate::wal::segment::now_ns();
@@ -235,6 +251,14 @@ impl Catalog {
             })
         });
         rows.and_then(Iterator::collect).map_err(|e| self.err(e))
+    }
+
+    /// How many resync entries are waiting.
+    pub fn resync_count(&self) -> Result<u64, CatalogError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM resync", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(|e| self.err(e))
     }
 
     /// Drops resync entries up to and including `id` (after they were served).

@@ -33,15 +33,20 @@ impl Services {
         config_path: Option<PathBuf>,
         target: Option<Target>,
         drain: bool,
+        backing: Option<&Path>,
     ) -> Result<Services> {
         let throttle = Arc::new(Throttle::new(&config.throttle, Arc::new(SystemClock)));
         let mirror = target.as_ref().map(|t| t.addr.clone());
+        let backing = crate::ship::remember_backing(state, backing)?;
+        let excludes = crate::exclude::Excludes::new(&config.exclude)?;
         let shipper = target.map(|target| {
             let args = ShipArgs {
                 state: state.to_path_buf(),
                 target,
                 cfg: config.ship.clone(),
                 throttle: throttle.clone(),
+                backing,
+                excludes,
             };
             if drain {
                 Shipper::start_drain(wal.clone(), args)

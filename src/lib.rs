@@ -12,5 +12,6 @@ pub mod mirror;
 pub mod proto;
 pub mod ship;
 pub mod status;
+pub mod sync;
 pub mod tools;
 pub mod wal;

@@ -56,6 +56,11 @@ enum Cmd {
         #[command(subcommand)]
         action: ThrottleCmd,
     },
+    /// Compare the source tree with the mirror's copy through the protocol
+    /// (each side hashes its own files) and list every difference: missing,
+    /// extra, type, content, metadata. Exit 0 only when identical up to the
+    /// LSN the mirror has applied (changes still in flight are listed apart).
+    Verify(VerifyCmd),
     /// Inspect the write-ahead log.
     #[command(subcommand)]
     Log(LogCmd),
@@ -69,6 +74,27 @@ enum Cmd {
         shell: clap_complete::Shell,
         dir: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct VerifyCmd {
+    /// The source's state directory.
+    #[arg(long)]
+    state: PathBuf,
+    /// The source tree (default: the backing directory the last mount of
+    /// --state served).
+    #[arg(long, value_name = "DIR")]
+    source: Option<PathBuf>,
+    /// The mirror (default: the config, then what the last mount used).
+    #[arg(long, value_name = "HOST:PORT")]
+    mirror: Option<String>,
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Machine-readable report.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -266,6 +292,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Mount(m) => mount(m),
         Cmd::Mirror(m) => mirror(m),
         Cmd::Ship(s) => ship(s),
+        Cmd::Verify(v) => verify(v),
         Cmd::Status { state, json } => status(&state, json),
         Cmd::Throttle { state, action } => throttle(&state, action),
         Cmd::Log(LogCmd::Dump {
@@ -369,6 +396,44 @@ fn mount(m: MountCmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn verify(v: VerifyCmd) -> Result<ExitCode> {
+    let config = load_config(v.config.as_deref())?;
+    let target = replfs::ship::resolve_target(&v.state, &config.ship, v.mirror, v.key_file, false)?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no mirror known for {}: use --mirror HOST:PORT",
+                v.state.display()
+            )
+        })?;
+    let source = match v.source {
+        Some(s) => s,
+        None => replfs::ship::remember_backing(&v.state, None)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} does not record a backing directory: use --source DIR",
+                v.state.display()
+            )
+        })?,
+    };
+    let excludes = replfs::exclude::Excludes::new(&config.exclude)?;
+    let report = replfs::sync::verify::run(
+        &v.state,
+        &target,
+        &source,
+        &excludes,
+        config.ship.io_timeout,
+    )?;
+    if v.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", replfs::sync::verify::render(&report));
+    }
+    Ok(if report.identical {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 fn ship(s: ShipCmd) -> Result<ExitCode> {
     let config = load_config(s.config.as_deref())?;
     let target = replfs::ship::resolve_target(&s.state, &config.ship, s.mirror, s.key_file, false)?
@@ -391,6 +456,7 @@ fn ship(s: ShipCmd) -> Result<ExitCode> {
         s.config.clone(),
         Some(target),
         true,
+        None,
     )?;
     let stop = services.ship_stop_flag();
     if let (Some(t), Some(f)) = (s.timeout, stop.clone()) {

@@ -46,6 +46,15 @@ pub struct Status {
     pub wal_segments: usize,
     /// Raw record bytes shipped / wire bytes (after lz4); `null` before any.
     pub compression_ratio: Option<f64>,
+    /// A baseline or repair in progress (or the last one's figures).
+    #[serde(default)]
+    pub sync: Option<crate::sync::ProgressView>,
+    /// Paths recorded as needing a repair by sync (catalog `resync` rows).
+    #[serde(default)]
+    pub resync_pending: u64,
+    /// Records left out of batches by coalescing since start.
+    #[serde(default)]
+    pub coalesced_records: u64,
 }
 
 /// Finds the oldest unacknowledged record and the WAL bytes from it to the
@@ -181,6 +190,7 @@ pub fn offline(state: &Path) -> Result<Status> {
     };
     fill_backlog(&mut st, &mut BacklogProbe::new(state), &segs)?;
     (st.wal_disk_bytes, st.wal_segments) = wal_disk_use(state);
+    st.resync_pending = cat.resync_count()?;
     Ok(st)
 }
 
@@ -200,7 +210,7 @@ pub fn fill_backlog(st: &mut Status, probe: &mut BacklogProbe, segs: &[SegmentRo
     Ok(())
 }
 
-fn human_bytes(b: f64) -> String {
+pub fn human_bytes(b: f64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b;
     let mut i = 0;
@@ -273,6 +283,34 @@ pub fn render(st: &Status) -> String {
     ));
     if let Some(r) = st.compression_ratio {
         out.push(("compression", format!("{r:.2}x")));
+    }
+    if let Some(v) = &st.sync {
+        if v.phase != "idle" {
+            out.push(("sync", v.line()));
+        } else {
+            out.push((
+                "sync",
+                format!(
+                    "idle ({} baseline(s), {} repair(s) since start)",
+                    v.baselines, v.repairs
+                ),
+            ));
+        }
+    }
+    if st.resync_pending > 0 {
+        out.push((
+            "resync",
+            format!(
+                "{} path(s) waiting to be repaired on the mirror",
+                st.resync_pending
+            ),
+        ));
+    }
+    if st.coalesced_records > 0 {
+        out.push((
+            "coalesced",
+            format!("{} records left out of batches", st.coalesced_records),
+        ));
     }
     if !st.daemon {
         out.push((

@@ -80,7 +80,7 @@ fn connect(addr: SocketAddr, key: &[u8]) -> Result<(TcpStream, u64), ProtoError>
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let applied = proto::client_handshake(&mut s, VOL, &Key::from_bytes(key))?;
-    Ok((s, applied))
+    Ok((s, applied.applied))
 }
 
 /// Reads until the mirror closes the connection; returns its last `Error`

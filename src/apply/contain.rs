@@ -144,7 +144,7 @@ pub(super) fn cstring(bytes: &[u8]) -> Result<CString, Failure> {
 
 /// `openat2(root, rel, flags)` that refuses to leave `root`, to follow any
 /// symlink (even magic links) or to cross a mount point.
-pub(super) fn open_beneath(
+pub(crate) fn open_beneath(
     root: BorrowedFd<'_>,
     rel: &CStr,
     flags: libc::c_int,

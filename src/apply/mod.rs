@@ -50,9 +50,9 @@
 //! Any other disagreement between a record and the tree (a directory where a
 //! file is created, a write to a symlink) is an error: the replica diverged.
 
-mod contain;
+pub(crate) mod contain;
 mod ops;
-mod sys;
+pub(crate) mod sys;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -180,6 +180,21 @@ impl Applier {
             lsn: rec.lsn,
             op: rec.op.name(),
             path: op_paths(&rec.op),
+            failure,
+        })
+    }
+
+    /// The root directory (an `O_PATH` descriptor).
+    pub fn root(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// Applies an op that is not a log record (a sync op: LSN 0).
+    pub fn apply_op(&mut self, op: &Op<'_>) -> Result<(), ApplyError> {
+        ops::apply_op(self.root.as_fd(), op).map_err(|failure| ApplyError::Record {
+            lsn: 0,
+            op: op.name(),
+            path: op_paths(op),
             failure,
         })
     }

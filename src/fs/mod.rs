@@ -110,6 +110,7 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
         args.config_path.clone(),
         args.target.clone(),
         false,
+        Some(&args.backing),
     )?;
     let mut unmounter = session.unmount_callable();
     let mnt = args.mountpoint.clone();

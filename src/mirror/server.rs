@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 
 use super::state::MirrorDb;
 use super::volume::{BatchError, Ctx, Volume};
-use crate::proto::{self, Key, Msg, ProtoError};
+use crate::proto::{self, Key, Msg, ProtoError, Role};
 
 /// Timeouts and limits of the server (see `MirrorOptions`).
 #[derive(Clone, Debug)]
@@ -155,7 +155,7 @@ fn serve(shared: &Shared, mut s: TcpStream, peer: SocketAddr, id: u64) {
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(shared.limits.handshake_timeout));
     let key_for = |v: &str| shared.keys.get(v).cloned();
-    let vol_id = match proto::server_handshake(&mut s, &key_for) {
+    let (vol_id, role) = match proto::server_handshake(&mut s, &key_for) {
         Ok(v) => v,
         Err(e) => {
             warn!("peer {peer}: handshake refused: {e}");
@@ -170,6 +170,14 @@ fn serve(shared: &Shared, mut s: TcpStream, peer: SocketAddr, id: u64) {
         send_error(&s, "mirror shutting down");
         return;
     }
+    if role == Role::Verifier {
+        info!("peer {peer} volume {vol_id}: verifier authenticated");
+        if proto::write_msg(&mut &s, &Msg::Ready(vol.ready())).is_ok() {
+            let _ = s.set_read_timeout(Some(shared.limits.idle_timeout));
+            verifier_session(vol, &s, peer, &shared.stop);
+        }
+        return;
+    }
     let claim = match vol.claim(id, peer, &s, shared.limits.takeover_after) {
         Ok(c) => c,
         Err(why) => {
@@ -178,12 +186,15 @@ fn serve(shared: &Shared, mut s: TcpStream, peer: SocketAddr, id: u64) {
             return;
         }
     };
-    let applied = vol.applied();
+    let ready = vol.ready();
     if let Err(e) = shared.db.lock().set_peer(&vol_id, &peer.to_string()) {
         warn!("volume {vol_id}: {e:#}");
     }
-    info!("peer {peer} volume {vol_id}: authenticated; applied LSN {applied}");
-    if let Err(e) = proto::write_msg(&mut &s, &Msg::Ready { applied }) {
+    info!(
+        "peer {peer} volume {vol_id}: authenticated; applied LSN {} (source {:?})",
+        ready.applied, ready.source
+    );
+    if let Err(e) = proto::write_msg(&mut &s, &Msg::Ready(ready)) {
         warn!("peer {peer} volume {vol_id}: cannot send Ready: {e}");
         return;
     }
@@ -224,7 +235,42 @@ fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>) {
                 info!("peer {peer} volume {v}: shipper closed the connection: {msg}");
                 return;
             }
-            other @ (Msg::Ack { .. } | Msg::Ready { .. }) => {
+            Msg::SyncBegin { lsn, source } => match vol.sync_begin(lsn, &source, cx) {
+                Ok(lsn) => Msg::Ack { lsn },
+                Err(e) => return sync_failed(vol, s, cx, e),
+            },
+            Msg::SyncOps(b) => match vol.apply_sync(&b, cx) {
+                Ok(()) => continue,
+                Err(e) => return sync_failed(vol, s, cx, e),
+            },
+            Msg::SyncEnd { token, horizon } => match vol.sync_end(horizon, cx) {
+                Ok(()) => {
+                    info!("peer {peer} volume {v}: sync {token} persisted");
+                    Msg::SyncDone { token }
+                }
+                Err(e) => return sync_failed(vol, s, cx, e),
+            },
+            Msg::ManifestReq { path, hashes } => {
+                if let Err(e) = send_manifest(vol, s, &path, hashes, true) {
+                    warn!("peer {peer} volume {v}: listing failed: {e:#}");
+                    send_error(s, &format!("cannot list the replica: {e:#}"));
+                    return;
+                }
+                continue;
+            }
+            Msg::SumsReq { path, block } => match vol.sums(&path, block) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!("peer {peer} volume {v}: checksums failed: {e:#}");
+                    send_error(s, &format!("cannot read the replica: {e:#}"));
+                    return;
+                }
+            },
+            other @ (Msg::Ack { .. }
+            | Msg::Ready { .. }
+            | Msg::Manifest { .. }
+            | Msg::Sums { .. }
+            | Msg::SyncDone { .. }) => {
                 warn!(
                     "peer {peer} volume {v}: protocol error: {} from a shipper; closing",
                     other.name()
@@ -235,6 +281,71 @@ fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>) {
         };
         if let Err(e) = proto::write_msg(&mut &*s, &reply) {
             warn!("peer {peer} volume {v}: cannot send {}: {e}", reply.name());
+            return;
+        }
+    }
+}
+
+fn send_manifest(
+    vol: &Volume,
+    s: &TcpStream,
+    path: &[u8],
+    hashes: bool,
+    shipper: bool,
+) -> anyhow::Result<()> {
+    let mut w = std::io::BufWriter::with_capacity(256 << 10, s);
+    vol.manifest(path, hashes, shipper, &mut |m| {
+        proto::write_msg(&mut w, &m)?;
+        Ok(())
+    })?;
+    use std::io::Write;
+    w.flush()?;
+    Ok(())
+}
+
+fn sync_failed(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, e: BatchError) {
+    warn!("peer {} volume {}: sync failed: {e}", cx.peer, vol.id);
+    let msg = match &e {
+        BatchError::Stopped(_) => "mirror shutting down".to_string(),
+        other => format!("sync: {other}"),
+    };
+    send_error(s, &msg);
+}
+
+/// A read-only connection: listings and checksums, no claim on the volume.
+fn verifier_session(vol: &Volume, s: &TcpStream, peer: SocketAddr, stop: &AtomicBool) {
+    let v = &vol.id;
+    let mut rd = BufReader::with_capacity(64 << 10, s);
+    while !stop.load(Ordering::SeqCst) {
+        let reply = match proto::read_msg(&mut rd) {
+            Ok(Msg::Ping) => Msg::Pong,
+            Ok(Msg::ManifestReq { path, hashes }) => {
+                if let Err(e) = send_manifest(vol, s, &path, hashes, false) {
+                    warn!("peer {peer} volume {v}: verifier listing failed: {e:#}");
+                    send_error(s, &format!("cannot list the replica: {e:#}"));
+                    return;
+                }
+                continue;
+            }
+            Ok(Msg::SumsReq { path, block }) => match vol.sums(&path, block) {
+                Ok(m) => m,
+                Err(e) => {
+                    send_error(s, &format!("cannot read the replica: {e:#}"));
+                    return;
+                }
+            },
+            Ok(Msg::Error { .. }) | Err(ProtoError::Closed) => return,
+            Ok(other) => {
+                warn!("peer {peer} volume {v}: {} from a verifier; closing", other.name());
+                send_error(s, &format!("unexpected {} message from a verifier", other.name()));
+                return;
+            }
+            Err(e) => {
+                debug!("peer {peer} volume {v}: verifier connection ended: {e}");
+                return;
+            }
+        };
+        if proto::write_msg(&mut &*s, &reply).is_err() {
             return;
         }
     }

@@ -38,6 +38,11 @@ CREATE TABLE IF NOT EXISTS resync (
     time_ns INTEGER NOT NULL,
     UNIQUE (volume, lsn, path)
 );
+CREATE TABLE IF NOT EXISTS sources (
+    volume  TEXT PRIMARY KEY,
+    source  TEXT NOT NULL,
+    horizon INTEGER NOT NULL DEFAULT 0
+);
 ";
 
 fn to_sql(v: u64) -> i64 {
@@ -150,6 +155,54 @@ impl MirrorDb {
 
     /// Records a resync request; recording the same one twice (a record
     /// re-applied after a crash) keeps one row.
+    /// The source the volume's replica was last baselined from ("" = none)
+    /// and the sync horizon (records up to it may be skipped when they
+    /// cannot apply: see `Msg::SyncEnd`).
+    pub fn source(&self, volume: &str) -> Result<(String, Lsn)> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT source, horizon FROM sources WHERE volume = ?1",
+                [volume],
+                |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)),
+            )
+            .optional()
+            .with_context(|| self.ctx())?
+            .unwrap_or_default())
+    }
+
+    /// Records the horizon of the last sync.
+    pub fn set_horizon(&self, volume: &str, horizon: Lsn) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE sources SET horizon = ?2 WHERE volume = ?1",
+                params![volume, to_sql(horizon)],
+            )
+            .map(drop)
+            .with_context(|| self.ctx())
+    }
+
+    /// A baseline from `source` starts: the replica is now positioned at
+    /// `lsn` of that source's log, and earlier resync requests are void.
+    pub fn begin_baseline(&self, volume: &str, source: &str, lsn: Lsn, now_ns: i64) -> Result<()> {
+        let tx = self.conn.unchecked_transaction().with_context(|| self.ctx())?;
+        tx.execute(
+            "INSERT INTO sources (volume, source) VALUES (?1, ?2)
+             ON CONFLICT (volume) DO UPDATE SET source = excluded.source",
+            [volume, source],
+        )
+        .with_context(|| self.ctx())?;
+        tx.execute(
+            "UPDATE volumes SET applied_lsn = ?2, applied_time_ns = ?3, last_batch_ns = ?3
+             WHERE id = ?1",
+            params![volume, to_sql(lsn), now_ns],
+        )
+        .with_context(|| self.ctx())?;
+        tx.execute("DELETE FROM resync WHERE volume = ?1", [volume])
+            .with_context(|| self.ctx())?;
+        tx.commit().with_context(|| self.ctx())
+    }
+
     pub fn add_resync(&self, volume: &str, path: &[u8], reason: &str, lsn: Lsn) -> Result<()> {
         let now = crate::wal::segment::now_ns();
         self.conn

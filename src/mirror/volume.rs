@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use log::{info, warn};
+use log::{debug, info, warn};
 use parking_lot::Mutex;
 
 use super::state::{MirrorDb, Position, PositionFile};
@@ -20,6 +20,9 @@ use crate::wal::{Lsn, Op, Record};
 pub(super) struct Volume {
     pub id: String,
     pub dir: PathBuf,
+    /// A second handle on the replica root for verifiers, which list the
+    /// tree without holding up the shipper.
+    reader: Applier,
     inner: Mutex<Inner>,
     session: Mutex<Option<Session>>,
 }
@@ -31,6 +34,11 @@ struct Inner {
     applied_time_ns: i64,
     /// An exchange that a previous run may or may not have applied.
     exchange_in_doubt: Option<Lsn>,
+    /// The source the replica was last baselined from ("" = none).
+    source: String,
+    /// Records up to here may be skipped when they cannot apply (a sync
+    /// went past them; the shipper repairs what they touched).
+    horizon: Lsn,
 }
 
 /// The connection that currently owns a volume.
@@ -117,7 +125,9 @@ impl Volume {
     /// larger of the catalog's and the position file's.
     pub fn open(id: &str, dir: &Path, state: &Path, db: &MirrorDb) -> Result<Volume> {
         let applier = Applier::open(dir)?;
+        let reader = Applier::open(dir)?;
         db.ensure_volume(id, &dir.display().to_string())?;
+        let (source, horizon) = db.source(id)?;
         let row = db.volume(id)?;
         let (cat_lsn, cat_time) = row.map_or((0, 0), |r| (r.applied_lsn, r.applied_time_ns));
         let (pos, from_file) = PositionFile::open(state, id)?;
@@ -146,12 +156,15 @@ impl Volume {
         Ok(Volume {
             id: id.to_owned(),
             dir: dir.to_path_buf(),
+            reader,
             inner: Mutex::new(Inner {
                 applier,
                 pos,
                 applied,
                 applied_time_ns,
                 exchange_in_doubt,
+                source,
+                horizon,
             }),
             session: Mutex::new(None),
         })
@@ -160,6 +173,95 @@ impl Volume {
     /// The applied LSN (waits for a batch in progress).
     pub fn applied(&self) -> Lsn {
         self.inner.lock().applied
+    }
+
+    /// What READY tells a shipper.
+    pub fn ready(&self) -> crate::proto::ReadyInfo {
+        let inner = self.inner.lock();
+        crate::proto::ReadyInfo {
+            applied: inner.applied,
+            source: inner.source.clone(),
+        }
+    }
+
+    /// SYNC_BEGIN: the replica now belongs to `source`, at `lsn` of its log
+    /// (a baseline of the whole tree follows). Persisted before the Ack.
+    pub fn sync_begin(&self, lsn: Lsn, source: &str, cx: &Ctx<'_>) -> Result<Lsn, BatchError> {
+        let mut inner = self.inner.lock();
+        let now = crate::wal::segment::now_ns();
+        info!(
+            "volume {} peer {}: baseline from source {source:?} begins at LSN {lsn} \
+             (was {:?} at LSN {})",
+            self.id, cx.peer, inner.source, inner.applied
+        );
+        inner
+            .pos
+            .write(Position {
+                applied: lsn,
+                time_ns: now,
+                exchange: 0,
+            })
+            .map_err(BatchError::Persist)?;
+        inner.pos.sync().map_err(BatchError::Persist)?;
+        cx.db
+            .lock()
+            .begin_baseline(&self.id, source, lsn, now)
+            .map_err(BatchError::Persist)?;
+        inner.applied = lsn;
+        inner.applied_time_ns = now;
+        inner.exchange_in_doubt = None;
+        inner.source = source.to_owned();
+        Ok(lsn)
+    }
+
+    /// SYNC_OPS: applies ops that bring the replica in line (the position
+    /// does not move).
+    pub fn apply_sync(&self, batch: &Batch, cx: &Ctx<'_>) -> Result<(), BatchError> {
+        let mut inner = self.inner.lock();
+        for rec in &batch.records {
+            if cx.alive.stop.load(Ordering::SeqCst) || cx.shutdown.load(Ordering::SeqCst) {
+                return Err(BatchError::Stopped(inner.applied));
+            }
+            inner.applier.apply_op(&rec.op).map_err(BatchError::Apply)?;
+            cx.alive.touch();
+        }
+        Ok(())
+    }
+
+    /// SYNC_END: everything synced so far is made durable, and records up to
+    /// `horizon` may be skipped when they no longer apply.
+    pub fn sync_end(&self, horizon: Lsn, cx: &Ctx<'_>) -> Result<(), BatchError> {
+        let mut inner = self.inner.lock();
+        self.persist(&inner, cx)?;
+        cx.db
+            .lock()
+            .set_horizon(&self.id, horizon)
+            .map_err(BatchError::Persist)?;
+        inner.horizon = horizon;
+        Ok(())
+    }
+
+    /// MANIFEST_REQ. The shipper's listing is taken under the volume lock
+    /// (nothing changes meanwhile); a verifier's is not (the shipper keeps
+    /// applying: the verifier accounts for records in flight).
+    pub fn manifest(
+        &self,
+        path: &[u8],
+        hashes: bool,
+        shipper: bool,
+        send: &mut dyn FnMut(crate::proto::Msg) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        if shipper {
+            let inner = self.inner.lock();
+            crate::sync::serve::manifest(inner.applier.root(), path, hashes, send)
+        } else {
+            crate::sync::serve::manifest(self.reader.root(), path, hashes, send)
+        }
+    }
+
+    /// SUMS_REQ.
+    pub fn sums(&self, path: &[u8], block: u32) -> anyhow::Result<crate::proto::Msg> {
+        crate::sync::serve::sums(self.reader.root(), path, block)
     }
 
     /// Makes connection `conn` the volume's only shipper. A current owner
@@ -270,7 +372,16 @@ impl Volume {
                     inner.applier.apply(rec).map_err(BatchError::Apply)?;
                 }
             }
-            _ => inner.applier.apply(rec).map_err(BatchError::Apply)?,
+            _ => match inner.applier.apply(rec) {
+                Ok(()) => {}
+                Err(e) if rec.lsn <= inner.horizon && outrun(&e) => {
+                    debug!(
+                        "volume {} LSN {}: skipped, a sync went past it: {e}",
+                        self.id, rec.lsn
+                    );
+                }
+                Err(e) => return Err(BatchError::Apply(e)),
+            },
         }
         inner.applied = rec.lsn;
         inner.applied_time_ns = rec.time_ns;
@@ -321,6 +432,30 @@ impl Volume {
             .lock()
             .set_applied(&self.id, inner.applied, inner.applied_time_ns, now)
             .map_err(BatchError::Persist)
+    }
+}
+
+/// Is `e` the kind of failure a record meets when the tree is already past
+/// it (an entry missing or of another kind, a directory that is now a
+/// symlink)? Skipping such a record does nothing, so containment holds;
+/// failures of the mirror itself (I/O, space, quota) are never skipped.
+fn outrun(e: &ApplyError) -> bool {
+    match e {
+        ApplyError::Record { .. } => !matches!(
+            e.raw_os_error(),
+            Some(
+                libc::EIO
+                    | libc::ENOSPC
+                    | libc::EDQUOT
+                    | libc::EROFS
+                    | libc::ENOMEM
+                    | libc::EMFILE
+                    | libc::ENFILE
+                    | libc::EACCES
+                    | libc::EPERM
+            )
+        ),
+        ApplyError::Root { .. } => false,
     }
 }
 

@@ -25,8 +25,8 @@ pub const MAX_BATCH_RAW: usize = MAX_FRAME - BATCH_HEADER_LEN;
 const COMPRESS_MIN: usize = 256;
 
 /// Appends the batch payload to `out`.
-pub(super) fn encode(b: &Batch, out: &mut Vec<u8>) -> Result<(), ProtoError> {
-    let raw = encode_records(b)?;
+pub(super) fn encode(b: &Batch, out: &mut Vec<u8>, seq: Seq) -> Result<(), ProtoError> {
+    let raw = encode_records(b, seq)?;
     let compressed = compress_if_pays(&raw);
     let (flags, stored) = match &compressed {
         Some(c) => (FLAG_BATCH_LZ4, c.as_slice()),
@@ -56,8 +56,8 @@ pub fn record_wire_len(op: &Op<'_>) -> Result<usize, ProtoError> {
 }
 
 /// The uncompressed record section: the records' WAL frames back to back.
-fn encode_records(b: &Batch) -> Result<Vec<u8>, ProtoError> {
-    check_sequence(&b.records).map_err(ProtoError::Encode)?;
+fn encode_records(b: &Batch, seq: Seq) -> Result<Vec<u8>, ProtoError> {
+    check_sequence(&b.records, seq).map_err(ProtoError::Encode)?;
     let seed = codec::crc_seed(WIRE_SALT);
     let size: u64 = b
         .records
@@ -83,22 +83,38 @@ fn encode_records(b: &Batch) -> Result<Vec<u8>, ProtoError> {
 }
 
 /// Non-empty, first LSN >= 1, each LSN one more than the previous.
-fn check_sequence(records: &[Record]) -> Result<(), String> {
+/// How the LSNs of a record section must run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Seq {
+    /// BATCH: the first >= 1, strictly increasing (gaps are records the
+    /// shipper coalesced away).
+    Log,
+    /// SYNC_OPS: every LSN is 0 (the ops are not log records).
+    Sync,
+}
+
+fn check_sequence(records: &[Record], seq: Seq) -> Result<(), String> {
     let Some(first) = records.first() else {
         return Err("empty batch".into());
     };
-    if first.lsn == 0 {
-        return Err("batch starts at LSN 0".into());
-    }
+    check_next(None, first.lsn, seq)?;
     for w in records.windows(2) {
-        if w[0].lsn.checked_add(1) != Some(w[1].lsn) {
-            return Err(format!(
-                "LSN {} follows LSN {} in a batch (must be consecutive)",
-                w[1].lsn, w[0].lsn
-            ));
-        }
+        check_next(Some(w[0].lsn), w[1].lsn, seq)?;
     }
     Ok(())
+}
+
+/// Is `lsn` allowed after `prev` (None: the first record)?
+fn check_next(prev: Option<u64>, lsn: u64, seq: Seq) -> Result<(), String> {
+    match (seq, prev) {
+        (Seq::Sync, _) if lsn != 0 => Err(format!("sync op with LSN {lsn} (must be 0)")),
+        (Seq::Sync, _) => Ok(()),
+        (Seq::Log, None) if lsn == 0 => Err("batch record with LSN 0".into()),
+        (Seq::Log, Some(p)) if lsn <= p => Err(format!(
+            "LSN {lsn} follows LSN {p} in a batch (must increase)"
+        )),
+        (Seq::Log, _) => Ok(()),
+    }
 }
 
 fn compress_if_pays(raw: &[u8]) -> Option<Vec<u8>> {
@@ -115,7 +131,7 @@ fn compress_if_pays(raw: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Parses and fully validates a batch payload.
-pub(super) fn decode(p: &[u8]) -> Result<Batch, ProtoError> {
+pub(super) fn decode(p: &[u8], seq: Seq) -> Result<Batch, ProtoError> {
     if p.len() < BATCH_HEADER_LEN {
         return malformed(format!("batch payload of {} bytes", p.len()));
     }
@@ -145,7 +161,7 @@ pub(super) fn decode(p: &[u8]) -> Result<Batch, ProtoError> {
     } else {
         Cow::Borrowed(stored)
     };
-    decode_records(&raw, count)
+    decode_records(&raw, count, seq)
 }
 
 /// Bounded decompression: the size claim is checked against what lz4 can
@@ -171,7 +187,7 @@ fn decompress(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, ProtoError> {
     }
 }
 
-fn decode_records(raw: &[u8], count: usize) -> Result<Batch, ProtoError> {
+fn decode_records(raw: &[u8], count: usize, seq: Seq) -> Result<Batch, ProtoError> {
     let seed_salt = WIRE_SALT;
     let mut records: Vec<Record> = Vec::with_capacity(count.min(1024));
     let mut off = 0;
@@ -183,16 +199,8 @@ fn decode_records(raw: &[u8], count: usize) -> Result<Batch, ProtoError> {
                 "batch record {i} (claimed LSN {lsn}) at offset {off}: {e}"
             ))
         })?;
-        match records.last() {
-            None if rec.lsn == 0 => return malformed("batch record with LSN 0"),
-            Some(prev) if prev.lsn.checked_add(1) != Some(rec.lsn) => {
-                return malformed(format!(
-                    "LSN {} follows LSN {} in a batch (must be consecutive)",
-                    rec.lsn, prev.lsn
-                ));
-            }
-            _ => {}
-        }
+        check_next(records.last().map(|r: &Record| r.lsn), rec.lsn, seq)
+            .map_err(ProtoError::Malformed)?;
         records.push(rec);
         off += len;
     }

@@ -10,10 +10,9 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use super::{
-    Key, MAX_VOLUME_ID_LEN, PROTO_VERSION, ProtoError, frame_type as t, malformed, read_frame,
-    write_frame,
+    Key, MAX_VOLUME_ID_LEN, Msg, PROTO_VERSION, ProtoError, ReadyInfo, Role, frame_type as t,
+    malformed, read_frame, write_frame,
 };
-use crate::wal::Lsn;
 
 /// Largest handshake frame payload (HELLO, CHALLENGE, AUTH, and READY or
 /// ERROR while the handshake runs).
@@ -101,11 +100,30 @@ fn error_text(p: &[u8]) -> String {
 /// with another key (or that does not serve `volume`) is `AuthFailed`. A
 /// refusal by the mirror (wrong key, busy volume) is `Refused`. Set a read
 /// timeout on `s` first: this function blocks on reads.
-pub fn client_handshake(s: &mut TcpStream, volume: &str, key: &Key) -> Result<Lsn, ProtoError> {
-    client(s, volume, key)
+pub fn client_handshake(
+    s: &mut TcpStream,
+    volume: &str,
+    key: &Key,
+) -> Result<ReadyInfo, ProtoError> {
+    client(s, volume, key, Role::Shipper)
 }
 
-fn client<S: Read + Write>(s: &mut S, volume: &str, key: &Key) -> Result<Lsn, ProtoError> {
+/// [`client_handshake`] for another role (a verifier does not claim the volume).
+pub fn client_handshake_as(
+    s: &mut TcpStream,
+    volume: &str,
+    key: &Key,
+    role: Role,
+) -> Result<ReadyInfo, ProtoError> {
+    client(s, volume, key, role)
+}
+
+fn client<S: Read + Write>(
+    s: &mut S,
+    volume: &str,
+    key: &Key,
+    role: Role,
+) -> Result<ReadyInfo, ProtoError> {
     check_volume_id(volume).map_err(ProtoError::Encode)?;
     let nc = nonce()?;
     let mut hello = Vec::with_capacity(39 + volume.len());
@@ -140,11 +158,16 @@ fn client<S: Read + Write>(s: &mut S, volume: &str, key: &Key) -> Result<Lsn, Pr
              (the keys differ, or the mirror does not serve this volume)"
         )));
     }
-    write_frame(s, t::AUTH, &proof(key, CLIENT_LABEL, &nc, &ns, volume))?;
+    let mut auth = proof(key, CLIENT_LABEL, &nc, &ns, volume).to_vec();
+    auth.push(role as u8);
+    write_frame(s, t::AUTH, &auth)?;
 
     let (ty, p) = read_frame(s, HANDSHAKE_MAX)?;
     match ty {
-        t::READY if p.len() == 8 => Ok(u64::from_le_bytes(arr::<8>(&p))),
+        t::READY => match super::decode_msg(ty, &p)? {
+            Msg::Ready(r) => Ok(r),
+            _ => malformed("READY that is not a Ready"),
+        },
         t::ERROR => Err(ProtoError::Refused(error_text(&p))),
         _ => malformed(format!("expected READY, got frame type {ty}")),
     }
@@ -163,7 +186,7 @@ fn client<S: Read + Write>(s: &mut S, volume: &str, key: &Key) -> Result<Lsn, Pr
 pub fn server_handshake(
     s: &mut TcpStream,
     key_for: &dyn Fn(&str) -> Option<Key>,
-) -> Result<String, ProtoError> {
+) -> Result<(String, Role), ProtoError> {
     server(s, key_for)
 }
 
@@ -202,7 +225,7 @@ fn parse_hello(ty: u8, p: &[u8]) -> Result<Hello, ProtoError> {
 fn server<S: Read + Write>(
     s: &mut S,
     key_for: &dyn Fn(&str) -> Option<Key>,
-) -> Result<String, ProtoError> {
+) -> Result<(String, Role), ProtoError> {
     let hello = read_frame(s, HANDSHAKE_MAX).and_then(|(ty, p)| parse_hello(ty, &p));
     let hello = match hello {
         Ok(h) => h,
@@ -253,11 +276,21 @@ fn server<S: Read + Write>(
             "the client rejected our proof for volume {vol:?}: the keys differ ({})",
             error_text(&p)
         ))),
-        (t::AUTH, None) if p.len() == PROOF_LEN => fail(s, format!("unknown volume {vol:?}")),
-        (t::AUTH, Some(k)) if p.len() == PROOF_LEN => {
+        (t::AUTH, None) if p.len() == PROOF_LEN + 1 => {
+            fail(s, format!("unknown volume {vol:?}"))
+        }
+        (t::AUTH, Some(k)) if p.len() == PROOF_LEN + 1 => {
             let expected = proof(k, CLIENT_LABEL, &hello.nonce, &ns, &vol);
-            if proofs_equal(&expected, &p) {
-                Ok(vol)
+            let role = match p[PROOF_LEN] {
+                0 => Role::Shipper,
+                1 => Role::Verifier,
+                r => {
+                    send_error(s, "malformed handshake");
+                    return malformed(format!("unknown role {r} in AUTH"));
+                }
+            };
+            if proofs_equal(&expected, &p[..PROOF_LEN]) {
+                Ok((vol, role))
             } else {
                 fail(
                     s,

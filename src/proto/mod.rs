@@ -8,6 +8,7 @@
 mod batch;
 mod handshake;
 mod key;
+pub mod sync;
 #[cfg(test)]
 mod tests;
 
@@ -17,12 +18,13 @@ use crate::wal::{Lsn, Record};
 
 pub use batch::{BATCH_HEADER_LEN, FLAG_BATCH_LZ4, MAX_BATCH_RAW, WIRE_SALT, record_wire_len};
 pub use handshake::{
-    HANDSHAKE_MAX, MAGIC, NONCE_LEN, PROOF_LEN, check_volume_id, client_handshake, server_handshake,
+    HANDSHAKE_MAX, MAGIC, NONCE_LEN, PROOF_LEN, check_volume_id, client_handshake,
+    client_handshake_as, server_handshake,
 };
 pub use key::{Key, MIN_KEY_LEN};
 
 /// Protocol version spoken by this build (both ends must speak the same).
-pub const PROTO_VERSION: u16 = 1;
+pub const PROTO_VERSION: u16 = 2;
 /// Hard limit on one frame's payload (a batch's uncompressed record section
 /// is limited to [`MAX_BATCH_RAW`]).
 pub const MAX_FRAME: usize = 32 << 20;
@@ -44,6 +46,14 @@ pub mod frame_type {
     pub const PONG: u8 = 7;
     pub const BATCH: u8 = 8;
     pub const ACK: u8 = 9;
+    pub const SYNC_BEGIN: u8 = 10;
+    pub const MANIFEST_REQ: u8 = 11;
+    pub const MANIFEST: u8 = 12;
+    pub const SUMS_REQ: u8 = 13;
+    pub const SUMS: u8 = 14;
+    pub const SYNC_OPS: u8 = 15;
+    pub const SYNC_END: u8 = 16;
+    pub const SYNC_DONE: u8 = 17;
 }
 use frame_type as t;
 
@@ -83,7 +93,9 @@ fn malformed<T>(msg: impl Into<String>) -> Result<T, ProtoError> {
     Err(ProtoError::Malformed(msg.into()))
 }
 
-/// A run of records with consecutive LSNs (shipper -> mirror).
+/// A run of records in LSN order (shipper -> mirror). In a BATCH the LSNs
+/// increase; a gap is a record the shipper coalesced away (the mirror counts
+/// it as applied). In SYNC_OPS every LSN is 0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
     pub records: Vec<Record>,
@@ -96,6 +108,24 @@ impl Batch {
     }
 }
 
+/// Who a connection is: the volume's one shipper, or a read-only verifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Claims the volume: applies batches and sync ops.
+    Shipper = 0,
+    /// Does not claim the volume: only MANIFEST_REQ, SUMS_REQ and PING.
+    Verifier = 1,
+}
+
+/// What READY tells the shipper.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadyInfo {
+    /// Every record <= `applied` is applied.
+    pub applied: Lsn,
+    /// The source this replica was last baselined from ("" = never).
+    pub source: String,
+}
+
 /// A message after the handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
@@ -106,9 +136,7 @@ pub enum Msg {
         lsn: Lsn,
     },
     /// mirror -> shipper after the handshake: resume from `applied + 1`.
-    Ready {
-        applied: Lsn,
-    },
+    Ready(ReadyInfo),
     /// Either way: why the sender is closing the connection.
     Error {
         msg: String,
@@ -116,6 +144,50 @@ pub enum Msg {
     /// Keepalive; the mirror answers `Pong`.
     Ping,
     Pong,
+    /// shipper -> mirror: a baseline of the whole tree starts; the replica is
+    /// now `source`'s, positioned at `lsn` (records after it follow the
+    /// sync). Answered with `Ack { lsn }` once persisted.
+    SyncBegin {
+        lsn: Lsn,
+        source: String,
+    },
+    /// -> mirror: list the subtree at `path` (pre-order, names sorted), with
+    /// a content hash of every regular file when `hashes`.
+    ManifestReq {
+        path: Vec<u8>,
+        hashes: bool,
+    },
+    /// mirror ->: a run of manifest entries (`crate::sync::manifest`);
+    /// `last` ends the listing.
+    Manifest {
+        last: bool,
+        entries: Vec<u8>,
+    },
+    /// -> mirror: checksums of `path`'s blocks of `block` bytes.
+    SumsReq {
+        path: Vec<u8>,
+        block: u32,
+    },
+    /// mirror ->: `size` is None when `path` is not a regular file there.
+    Sums {
+        size: Option<u64>,
+        block: u32,
+        sums: Vec<[u8; sync::SUM_LEN]>,
+    },
+    /// shipper -> mirror: changes that bring the replica in line (LSN 0).
+    SyncOps(Batch),
+    /// shipper -> mirror: make everything synced so far durable; answered
+    /// with `SyncDone { token }`. Records up to `horizon` may describe
+    /// states the sync already went past: the mirror skips those it cannot
+    /// apply for a missing or different entry (the shipper repairs every
+    /// path they touch afterwards).
+    SyncEnd {
+        token: u64,
+        horizon: Lsn,
+    },
+    SyncDone {
+        token: u64,
+    },
 }
 
 impl Msg {
@@ -128,6 +200,14 @@ impl Msg {
             Msg::Error { .. } => "Error",
             Msg::Ping => "Ping",
             Msg::Pong => "Pong",
+            Msg::SyncBegin { .. } => "SyncBegin",
+            Msg::ManifestReq { .. } => "ManifestReq",
+            Msg::Manifest { .. } => "Manifest",
+            Msg::SumsReq { .. } => "SumsReq",
+            Msg::Sums { .. } => "Sums",
+            Msg::SyncOps(_) => "SyncOps",
+            Msg::SyncEnd { .. } => "SyncEnd",
+            Msg::SyncDone { .. } => "SyncDone",
         }
     }
 }
@@ -152,15 +232,20 @@ pub fn encode_msg(m: &Msg) -> Result<Vec<u8>, ProtoError> {
     match m {
         Msg::Batch(b) => {
             start_frame(&mut out, t::BATCH);
-            batch::encode(b, &mut out)?;
+            batch::encode(b, &mut out, batch::Seq::Log)?;
+        }
+        Msg::SyncOps(b) => {
+            start_frame(&mut out, t::SYNC_OPS);
+            batch::encode(b, &mut out, batch::Seq::Sync)?;
         }
         Msg::Ack { lsn } => {
             start_frame(&mut out, t::ACK);
             out.extend_from_slice(&lsn.to_le_bytes());
         }
-        Msg::Ready { applied } => {
+        Msg::Ready(r) => {
             start_frame(&mut out, t::READY);
-            out.extend_from_slice(&applied.to_le_bytes());
+            out.extend_from_slice(&r.applied.to_le_bytes());
+            sync::put_source(&mut out, &r.source)?;
         }
         Msg::Error { msg } => {
             start_frame(&mut out, t::ERROR);
@@ -168,6 +253,44 @@ pub fn encode_msg(m: &Msg) -> Result<Vec<u8>, ProtoError> {
         }
         Msg::Ping => start_frame(&mut out, t::PING),
         Msg::Pong => start_frame(&mut out, t::PONG),
+        Msg::SyncBegin { lsn, source } => {
+            start_frame(&mut out, t::SYNC_BEGIN);
+            out.extend_from_slice(&lsn.to_le_bytes());
+            sync::put_source(&mut out, source)?;
+        }
+        Msg::ManifestReq { path, hashes } => {
+            start_frame(&mut out, t::MANIFEST_REQ);
+            out.push(u8::from(*hashes));
+            sync::put16(&mut out, path)?;
+        }
+        Msg::Manifest { last, entries } => {
+            start_frame(&mut out, t::MANIFEST);
+            out.push(u8::from(*last));
+            out.extend_from_slice(entries);
+        }
+        Msg::SumsReq { path, block } => {
+            start_frame(&mut out, t::SUMS_REQ);
+            out.extend_from_slice(&block.to_le_bytes());
+            sync::put16(&mut out, path)?;
+        }
+        Msg::Sums { size, block, sums } => {
+            start_frame(&mut out, t::SUMS);
+            out.extend_from_slice(&size.unwrap_or(u64::MAX).to_le_bytes());
+            out.extend_from_slice(&block.to_le_bytes());
+            out.extend_from_slice(&(sums.len() as u32).to_le_bytes());
+            for s in sums {
+                out.extend_from_slice(s);
+            }
+        }
+        Msg::SyncEnd { token, horizon } => {
+            start_frame(&mut out, t::SYNC_END);
+            out.extend_from_slice(&token.to_le_bytes());
+            out.extend_from_slice(&horizon.to_le_bytes());
+        }
+        Msg::SyncDone { token } => {
+            start_frame(&mut out, t::SYNC_DONE);
+            out.extend_from_slice(&token.to_le_bytes());
+        }
     }
     seal_frame(&mut out, MAX_FRAME)?;
     Ok(out)
@@ -195,25 +318,92 @@ pub fn read_msg(r: &mut impl Read) -> Result<Msg, ProtoError> {
 
 /// Decodes the payload of a frame of type `ty` (handshake types are refused).
 pub fn decode_msg(ty: u8, p: &[u8]) -> Result<Msg, ProtoError> {
-    match ty {
-        t::BATCH => Ok(Msg::Batch(batch::decode(p)?)),
-        t::ACK => Ok(Msg::Ack {
+    let mut c = sync::Cur::new(p, "message");
+    let m = match ty {
+        t::BATCH => return Ok(Msg::Batch(batch::decode(p, batch::Seq::Log)?)),
+        t::SYNC_OPS => return Ok(Msg::SyncOps(batch::decode(p, batch::Seq::Sync)?)),
+        t::ACK => Msg::Ack {
             lsn: u64_payload(p, "Ack")?,
+        },
+        t::READY => Msg::Ready(ReadyInfo {
+            applied: c.u64()?,
+            source: sync::get_source(&mut c)?,
         }),
-        t::READY => Ok(Msg::Ready {
-            applied: u64_payload(p, "Ready")?,
-        }),
-        t::ERROR => Ok(Msg::Error {
-            msg: error_text(p)?,
-        }),
-        t::PING | t::PONG if !p.is_empty() => malformed("Ping/Pong with a payload"),
-        t::PING => Ok(Msg::Ping),
-        t::PONG => Ok(Msg::Pong),
-        t::HELLO | t::CHALLENGE | t::AUTH => {
-            malformed(format!("handshake frame type {ty} after the handshake"))
+        t::ERROR => {
+            return Ok(Msg::Error {
+                msg: error_text(p)?,
+            });
         }
-        _ => malformed(format!("unknown frame type {ty}")),
+        t::PING | t::PONG if !p.is_empty() => return malformed("Ping/Pong with a payload"),
+        t::PING => Msg::Ping,
+        t::PONG => Msg::Pong,
+        t::SYNC_BEGIN => Msg::SyncBegin {
+            lsn: c.u64()?,
+            source: sync::get_source(&mut c)?,
+        },
+        t::MANIFEST_REQ => {
+            let hashes = match c.u8()? {
+                0 => false,
+                1 => true,
+                f => return malformed(format!("ManifestReq flags {f:#x}")),
+            };
+            Msg::ManifestReq {
+                hashes,
+                path: c.path()?,
+            }
+        }
+        t::MANIFEST => {
+            let last = match c.u8()? {
+                0 => false,
+                1 => true,
+                f => return malformed(format!("Manifest flags {f:#x}")),
+            };
+            // Entries are decoded (and validated) by `sync::manifest`.
+            let entries = c.rest().to_vec();
+            return Ok(Msg::Manifest { last, entries });
+        }
+        t::SUMS_REQ => {
+            let block = c.u32()?;
+            sync::check_block(block)?;
+            Msg::SumsReq {
+                block,
+                path: c.path()?,
+            }
+        }
+        t::SUMS => {
+            let size = Some(c.u64()?).filter(|&s| s != u64::MAX);
+            let block = c.u32()?;
+            sync::check_block(block)?;
+            let n = c.u32()? as usize;
+            if n > sync::MAX_SUMS || c.rest().len() != n * sync::SUM_LEN {
+                return malformed(format!(
+                    "Sums of {n} checksums in {} bytes",
+                    c.rest().len()
+                ));
+            }
+            let sums = c
+                .rest()
+                .chunks_exact(sync::SUM_LEN)
+                .map(|b| b.try_into().unwrap_or([0; sync::SUM_LEN]))
+                .collect();
+            return Ok(Msg::Sums { size, block, sums });
+        }
+        t::SYNC_END => Msg::SyncEnd {
+            token: c.u64()?,
+            horizon: c.u64()?,
+        },
+        t::SYNC_DONE => Msg::SyncDone {
+            token: u64_payload(p, "SyncDone")?,
+        },
+        t::HELLO | t::CHALLENGE | t::AUTH => {
+            return malformed(format!("handshake frame type {ty} after the handshake"));
+        }
+        _ => return malformed(format!("unknown frame type {ty}")),
+    };
+    if !matches!(m, Msg::Ack { .. } | Msg::SyncDone { .. }) {
+        c.end()?;
     }
+    Ok(m)
 }
 
 fn u64_payload(p: &[u8], what: &str) -> Result<u64, ProtoError> {

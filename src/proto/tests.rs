@@ -130,8 +130,52 @@ fn roundtrip(m: &Msg) -> (Msg, u64) {
 fn every_message_roundtrips() {
     let msgs = [
         Msg::Ack { lsn: 77 },
-        Msg::Ready { applied: 0 },
-        Msg::Ready { applied: u64::MAX },
+        Msg::Ready(ReadyInfo::default()),
+        Msg::Ready(ReadyInfo {
+            applied: u64::MAX,
+            source: "0123456789abcdef".into(),
+        }),
+        Msg::SyncBegin {
+            lsn: 9,
+            source: "src-1".into(),
+        },
+        Msg::ManifestReq {
+            path: b"a/b".to_vec(),
+            hashes: true,
+        },
+        Msg::Manifest {
+            last: true,
+            entries: Vec::new(),
+        },
+        Msg::SumsReq {
+            path: b"f".to_vec(),
+            block: 65536,
+        },
+        Msg::Sums {
+            size: Some(3),
+            block: 4096,
+            sums: vec![[1; 16], [2; 16]],
+        },
+        Msg::Sums {
+            size: None,
+            block: 4096,
+            sums: vec![],
+        },
+        Msg::SyncOps(Batch {
+            records: every_op()
+                .into_iter()
+                .map(|op| Record {
+                    lsn: 0,
+                    time_ns: 0,
+                    op,
+                })
+                .collect(),
+        }),
+        Msg::SyncEnd {
+            token: 5,
+            horizon: 6,
+        },
+        Msg::SyncDone { token: 5 },
         Msg::Error {
             msg: "expected LSN 5".into(),
         },
@@ -282,9 +326,12 @@ fn hand_made_batch_frames_match_the_encoder() {
 }
 
 #[test]
-fn non_contiguous_lsns_are_malformed() {
+fn lsns_that_do_not_increase_are_malformed() {
     let op = truncate_op("a");
-    for lsns in [[4, 6], [4, 4], [5, 4], [0, 1]] {
+    // A gap is a record the shipper coalesced away: allowed.
+    let f = batch_frame(&[rec_frame(4, &op), rec_frame(6, &op)]);
+    assert!(read_bytes(&f).is_ok());
+    for lsns in [[4, 4], [5, 4], [0, 1]] {
         let f = batch_frame(&[rec_frame(lsns[0], &op), rec_frame(lsns[1], &op)]);
         assert!(
             matches!(read_bytes(&f), Err(ProtoError::Malformed(_))),
@@ -417,14 +464,18 @@ fn with_server<T>(
         let key_for = |v: &str| (v == "vol1").then(|| Key::from_bytes(key));
         let r = server_handshake(&mut s, &key_for);
         if r.is_ok() {
-            write_msg(&mut s, &Msg::Ready { applied: 42 }).unwrap();
+            let ready = ReadyInfo {
+                applied: 42,
+                source: String::new(),
+            };
+            write_msg(&mut s, &Msg::Ready(ready)).unwrap();
         }
         r
     });
     let mut c = TcpStream::connect(addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let out = client(&mut c);
-    (out, server.join().unwrap())
+    (out, server.join().unwrap().map(|(v, _role)| v))
 }
 
 const KEY: &[u8] = b"0123456789abcdef-the-right-key";
@@ -432,7 +483,7 @@ const KEY: &[u8] = b"0123456789abcdef-the-right-key";
 #[test]
 fn handshake_succeeds_with_the_right_key() {
     let (c, s) = with_server(KEY, |c| client_handshake(c, "vol1", &Key::from_bytes(KEY)));
-    assert_eq!(c.unwrap(), 42);
+    assert_eq!(c.unwrap().applied, 42);
     assert_eq!(s.unwrap(), "vol1");
 }
 
@@ -460,7 +511,8 @@ fn reckless_client(c: &mut TcpStream, vol: &str, key: &[u8]) -> Result<String, P
     let (ty, ch) = read_frame(c, HANDSHAKE_MAX)?;
     assert_eq!(ty, frame_type::CHALLENGE);
     let ns: [u8; NONCE_LEN] = ch[2..34].try_into().unwrap();
-    let pr = hs::proof(&Key::from_bytes(key), hs::CLIENT_LABEL, &nc, &ns, vol);
+    let mut pr = hs::proof(&Key::from_bytes(key), hs::CLIENT_LABEL, &nc, &ns, vol).to_vec();
+    pr.push(Role::Shipper as u8);
     write_frame(c, frame_type::AUTH, &pr)?;
     let (ty, reply) = read_frame(c, HANDSHAKE_MAX)?;
     assert_eq!(ty, frame_type::ERROR);
@@ -517,7 +569,7 @@ fn a_version_mismatch_is_reported_to_both_sides() {
     });
     assert_eq!(c.0, frame_type::ERROR);
     assert!(String::from_utf8_lossy(&c.1).contains("version 9"));
-    assert!(matches!(s, Err(ProtoError::Version { ours: 1, theirs: 9 })));
+    assert!(matches!(s, Err(ProtoError::Version { ours: 2, theirs: 9 })));
 }
 
 #[test]

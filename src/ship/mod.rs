@@ -3,6 +3,7 @@
 //! capped exponential backoff. The backlog stays on disk: memory holds at most
 //! `window` batches of at most `batch_bytes` each.
 
+pub mod coalesce;
 pub mod config;
 pub mod monitor;
 pub mod tail;
@@ -26,8 +27,13 @@ pub use config::ShipConfig;
 use tail::Tail;
 use throttle::Throttle;
 
+use crate::catalog::Catalog;
+use crate::exclude::Excludes;
 use crate::proto::{self, Batch, Key, Msg};
-use crate::wal::{Lsn, Wal, WalError};
+use crate::sync::Peer;
+use crate::sync::delta::{self, SyncArgs};
+use crate::wal::{Lsn, Op, Wal, WalError};
+use std::os::fd::{AsFd, OwnedFd};
 
 /// Where the link stands, for status and logs.
 #[derive(Clone, Debug, Default)]
@@ -45,7 +51,12 @@ pub struct ShipStats {
     /// Bytes put on the wire (after compression), and the record bytes they carried.
     pub wire_bytes: AtomicU64,
     pub raw_bytes: AtomicU64,
+    /// Records left out of batches by coalescing, and their data bytes.
+    pub coalesced_records: AtomicU64,
+    pub coalesced_bytes: AtomicU64,
     pub link: Mutex<LinkState>,
+    /// Baseline / repair progress.
+    pub sync: crate::sync::Progress,
 }
 
 /// What the shipper needs to reach the mirror.
@@ -62,6 +73,10 @@ pub struct ShipArgs {
     pub target: Target,
     pub cfg: ShipConfig,
     pub throttle: Arc<Throttle>,
+    /// The backing directory, for baselines and repairs (None: unknown, so
+    /// a mirror that needs one cannot be served).
+    pub backing: Option<PathBuf>,
+    pub excludes: Excludes,
 }
 
 /// A shipper thread: follows the live WAL inside `replfs mount`, or drains
@@ -96,6 +111,8 @@ impl Shipper {
             stats: stats.clone(),
             throttle: args.throttle,
             last_retire: std::cell::Cell::new((None, 0)),
+            backing: args.backing,
+            excludes: args.excludes,
         };
         let thread = std::thread::Builder::new()
             .name("shipper".into())
@@ -154,6 +171,8 @@ struct Ctx {
     /// When segments were last retired: retiring lists the WAL directory, so
     /// it runs at most once a second, not on every acknowledgement.
     last_retire: std::cell::Cell<(Option<Instant>, Lsn)>,
+    backing: Option<PathBuf>,
+    excludes: Excludes,
 }
 
 fn now_secs() -> i64 {
@@ -231,34 +250,192 @@ impl Ctx {
         Err(last)
     }
 
-    /// One connection: handshake, then stream batches and collect acks.
+    /// One connection: handshake, a baseline or repair when one is due,
+    /// then stream batches and collect acks.
     fn session(&self, mode: Mode) -> Result<Outcome> {
         let mut stream = self.connect()?;
         stream.set_read_timeout(Some(self.cfg.io_timeout))?;
         stream.set_write_timeout(Some(self.cfg.io_timeout))?;
-        let applied = proto::client_handshake(&mut stream, &self.target.volume, &self.target.key)?;
+        let ready = proto::client_handshake(&mut stream, &self.target.volume, &self.target.key)?;
+        let cat = Catalog::open(&self.state)?;
+        let source_id = cat.source_id()?;
+        self.set_link(true, None);
+        let rx = spawn_reader(stream.try_clone()?);
+        let mut peer = LinkPeer {
+            cx: self,
+            out: stream.try_clone()?,
+            rx: &rx,
+        };
         let head = self.wal.head_lsn();
-        if applied > head {
-            bail!(
-                "the mirror has applied LSN {applied} but this WAL ends at {head}: is it paired with another source?"
-            );
-        }
+        let why = if ready.source != source_id {
+            Some(if ready.source.is_empty() {
+                "the mirror's copy was never paired with a source".to_string()
+            } else {
+                format!("the mirror's copy belongs to source {}", ready.source)
+            })
+        } else if ready.applied > head {
+            Some(format!(
+                "the mirror has applied LSN {} but this WAL ends at {head}",
+                ready.applied
+            ))
+        } else if matches!(
+            Tail::open(&self.state, ready.applied + 1),
+            Err(WalError::NotRetained { .. })
+        ) {
+            Some(format!(
+                "the mirror needs LSN {} which this WAL no longer holds",
+                ready.applied + 1
+            ))
+        } else {
+            None
+        };
+        let applied = match why {
+            Some(why) => self.baseline(&mut peer, &cat, &source_id, &why)?,
+            None => {
+                self.acked(ready.applied);
+                if !cat.resync_list()?.is_empty() {
+                    self.repair(&mut peer, &cat)?;
+                }
+                ready.applied
+            }
+        };
         info!(
             "connected to mirror {} (volume {}), resuming after LSN {applied}",
             self.target.addr, self.target.volume
         );
-        self.set_link(true, None);
-        self.acked(applied);
         let tail = match Tail::open(&self.state, applied + 1) {
             Err(WalError::NotRetained { lsn, oldest }) => bail!(
                 "the mirror needs LSN {lsn} but the WAL starts at {oldest}: a baseline copy is needed"
             ),
             r => r?,
         };
-        let acks = spawn_ack_reader(stream.try_clone()?);
-        let r = self.stream(&mut stream, tail, &acks, mode);
+        let r = self.stream(&mut stream, tail, &mut peer, &cat, mode);
         let _ = stream.shutdown(std::net::Shutdown::Both);
         r
+    }
+
+    /// Brings a mirror whose position is unusable up by a baseline of the
+    /// whole tree; returns the LSN the log resumes after.
+    fn baseline(
+        &self,
+        peer: &mut LinkPeer<'_>,
+        cat: &Catalog,
+        source_id: &str,
+        why: &str,
+    ) -> Result<Lsn> {
+        let Some(root) = self.open_backing()? else {
+            bail!(
+                "a baseline is needed ({why}) but this state dir does not know its backing \
+                 directory: run `replfs mount` on it"
+            );
+        };
+        self.wal.sync(self.wal.head_lsn())?;
+        let l0 = self.wal.durable_lsn();
+        info!(
+            "volume {}: baseline to mirror {} starts at LSN {l0}: {why}",
+            self.target.volume, self.target.addr
+        );
+        let rows = cat.resync_list()?;
+        peer.send(&Msg::SyncBegin {
+            lsn: l0,
+            source: source_id.to_owned(),
+        })?;
+        match peer.recv()? {
+            Msg::Ack { lsn } if lsn == l0 => {}
+            other => bail!("expected the mirror's Ack of SyncBegin, got {}", other.name()),
+        }
+        self.acked(l0);
+        self.run_sync(peer, cat, &root, &[Vec::new()], l0, rows.last().map(|r| r.id))?;
+        self.stats.sync.baselines.fetch_add(1, Ordering::Relaxed);
+        Ok(l0)
+    }
+
+    /// Repairs the paths the catalog lists as needing resync (the mirror's
+    /// position is good: nothing is in flight).
+    fn repair(&self, peer: &mut LinkPeer<'_>, cat: &Catalog) -> Result<()> {
+        let rows = cat.resync_list()?;
+        let Some(last) = rows.last().map(|r| r.id) else {
+            return Ok(());
+        };
+        let Some(root) = self.open_backing()? else {
+            bail!(
+                "{} path(s) need a resync but this state dir does not know its backing \
+                 directory: run `replfs mount` on it",
+                rows.len()
+            );
+        };
+        let paths = crate::sync::collapse(rows.into_iter().map(|r| r.path).collect());
+        let shown: Vec<String> = paths
+            .iter()
+            .take(5)
+            .map(|p| crate::apply::display_path(p))
+            .collect();
+        info!(
+            "volume {}: repairing {} path(s) on the mirror: {}{}",
+            self.target.volume,
+            paths.len(),
+            shown.join(", "),
+            if paths.len() > 5 { ", ..." } else { "" }
+        );
+        let from = self.stats.acked_lsn.load(Ordering::Acquire);
+        self.run_sync(peer, cat, &root, &paths, from, Some(last))?;
+        self.stats.sync.repairs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Runs a sync of `paths`, then records every path a record after
+    /// `from` touched as needing repair (the copy was fuzzy for them; see
+    /// `crate::sync`), and drops the catalog rows up to `clear`.
+    fn run_sync(
+        &self,
+        peer: &mut LinkPeer<'_>,
+        cat: &Catalog,
+        root: &OwnedFd,
+        paths: &[Vec<u8>],
+        from: Lsn,
+        clear: Option<i64>,
+    ) -> Result<()> {
+        let args = SyncArgs {
+            root: root.as_fd(),
+            excludes: &self.excludes,
+            spool_dir: &self.state,
+            progress: &self.stats.sync,
+        };
+        let token = crate::wal::segment::new_salt();
+        let horizon = || self.wal.head_lsn();
+        let started = Instant::now();
+        let (report, until) = delta::sync(peer, &args, paths, token, &horizon)?;
+        let touched = touched_paths(&self.state, from, until)?;
+        for p in &touched {
+            cat.add_resync(p, "changed while the mirror was being synced", until)?;
+        }
+        if let Some(id) = clear {
+            cat.clear_resync(id)?;
+        }
+        info!(
+            "volume {}: sync done in {:.1} s: {} entries examined, {} created, {} removed, \
+             {} metadata-only, {} files by delta ({} blocks), {} of data, {} on the wire; \
+             {} path(s) changed meanwhile will be repaired",
+            self.target.volume,
+            started.elapsed().as_secs_f64(),
+            report.entries,
+            report.created,
+            report.removed,
+            report.meta_only,
+            report.delta_files,
+            report.blocks_sent,
+            crate::sync::fmt_bytes(report.data_bytes as f64),
+            crate::sync::fmt_bytes(self.stats.sync.bytes_sent.load(Ordering::Relaxed) as f64),
+            touched.len()
+        );
+        Ok(())
+    }
+
+    fn open_backing(&self) -> Result<Option<OwnedFd>> {
+        self.backing
+            .as_deref()
+            .map(crate::sync::manifest::open_root)
+            .transpose()
     }
 
     fn acked(&self, lsn: Lsn) {
@@ -289,7 +466,8 @@ impl Ctx {
         &self,
         stream: &mut TcpStream,
         mut tail: Tail,
-        acks: &Receiver<Result<Lsn, String>>,
+        peer: &mut LinkPeer<'_>,
+        cat: &Catalog,
         mode: Mode,
     ) -> Result<Outcome> {
         let mut out = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
@@ -297,6 +475,8 @@ impl Ctx {
         let mut last_io = Instant::now();
         let mut idle_polls = 0u32;
         let mut durable_seen = (self.wal.durable_lsn(), Instant::now());
+        // When the catalog was last asked for paths to repair.
+        let mut repair_check = Instant::now();
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(Outcome::Stopped);
@@ -304,7 +484,7 @@ impl Ctx {
             let mut sent = false;
             while in_flight.len() < self.cfg.window {
                 let limit = self.wal.durable_lsn();
-                let (batch, raw) = self.next_batch(&mut tail, limit)?;
+                let (batch, raw) = self.next_batch(&mut tail, limit, cat)?;
                 let Some(last) = batch.records.last().map(|r| r.lsn) else {
                     break;
                 };
@@ -328,6 +508,16 @@ impl Ctx {
             } else if in_flight.is_empty() {
                 self.maybe_retire();
                 self.nudge_durability(&mut durable_seen)?;
+                let caught_up = tail.next_lsn() > self.wal.durable_lsn();
+                if caught_up && repair_check.elapsed() >= REPAIR_CHECK {
+                    repair_check = Instant::now();
+                    if !cat.resync_list()?.is_empty() {
+                        out.flush()?;
+                        self.repair(peer, cat)?;
+                        last_io = Instant::now();
+                        continue;
+                    }
+                }
                 if mode == Mode::Drain
                     && self.stats.acked_lsn.load(Ordering::Acquire) >= self.wal.head_lsn()
                 {
@@ -348,13 +538,15 @@ impl Ctx {
             } else {
                 Duration::from_millis(200)
             };
-            match acks.recv_timeout(wait) {
-                Ok(Ok(lsn)) => {
+            match peer.rx.recv_timeout(wait) {
+                Ok(Ok(Msg::Ack { lsn })) => {
                     while in_flight.front().is_some_and(|&l| l <= lsn) {
                         in_flight.pop_front();
                     }
                     self.acked(lsn);
                 }
+                Ok(Ok(Msg::Pong)) => {}
+                Ok(Ok(other)) => bail!("unexpected {} message from the mirror", other.name()),
                 Ok(Err(msg)) => bail!("{msg}"),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => bail!("the mirror closed the connection"),
@@ -365,12 +557,7 @@ impl Ctx {
     /// Waits for the throttle to grant `n` wire bytes. A slow rate can make
     /// this last longer than the mirror's idle timeout, so the link is pinged
     /// meanwhile. False when asked to stop.
-    fn wait_tokens(
-        &self,
-        n: u64,
-        out: &mut BufWriter<TcpStream>,
-        last_io: &mut Instant,
-    ) -> Result<bool> {
+    fn wait_tokens(&self, n: u64, out: &mut impl Write, last_io: &mut Instant) -> Result<bool> {
         loop {
             match self.throttle.try_acquire(n) {
                 Ok(()) => return Ok(true),
@@ -407,7 +594,7 @@ impl Ctx {
 
     /// Up to `batch_bytes` of records, none beyond `limit` (only durable
     /// records leave the source: a machine crash cannot un-write them).
-    fn next_batch(&self, tail: &mut Tail, limit: Lsn) -> Result<(Batch, u64)> {
+    fn next_batch(&self, tail: &mut Tail, limit: Lsn, cat: &Catalog) -> Result<(Batch, u64)> {
         let mut records = Vec::new();
         let mut bytes = 0u64;
         // Under a throttle a batch never exceeds the burst.
@@ -417,11 +604,25 @@ impl Ctx {
         while bytes < max && records.len() < self.cfg.batch_records && tail.next_lsn() <= limit {
             match tail.next_record()? {
                 Some(r) => {
+                    if let Op::Resync { path, reason } = &r.op {
+                        // Repaired by a sync once the shipper has caught up.
+                        cat.add_resync(path, reason, r.lsn)?;
+                    }
                     bytes += record_size(&r.op);
                     records.push(r);
                 }
                 None => break,
             }
+        }
+        if self.cfg.coalesce && !records.is_empty() && limit > tail.next_lsn() {
+            // Behind: more is waiting than this batch holds.
+            let before = records.len() as u64;
+            let (kept, saved) = coalesce::coalesce(records);
+            records = kept;
+            self.stats
+                .coalesced_records
+                .fetch_add(before - records.len() as u64, Ordering::Relaxed);
+            self.stats.coalesced_bytes.fetch_add(saved, Ordering::Relaxed);
         }
         Ok((Batch { records }, bytes))
     }
@@ -442,27 +643,22 @@ fn record_size(op: &crate::wal::Op<'_>) -> u64 {
     (op.data_len() as usize + paths + extra + 128) as u64
 }
 
-/// Reads the mirror's messages: acks go to the channel; an error or a closed
+/// Reads the mirror's messages into the channel; an error or a closed
 /// connection ends it.
-fn spawn_ack_reader(stream: TcpStream) -> Receiver<Result<Lsn, String>> {
+fn spawn_reader(stream: TcpStream) -> Receiver<Result<Msg, String>> {
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::Builder::new()
         .name("ship-acks".into())
         .spawn(move || {
-            let mut r = std::io::BufReader::new(stream);
+            let mut r = std::io::BufReader::with_capacity(256 << 10, stream);
             loop {
-                let m = proto::read_msg(&mut r);
-                let sent = match m {
-                    Ok(Msg::Ack { lsn }) => tx.send(Ok(lsn)),
-                    Ok(Msg::Pong) | Ok(Msg::Ping) => Ok(()),
+                let sent = match proto::read_msg(&mut r) {
+                    Ok(Msg::Ping) => Ok(()),
                     Ok(Msg::Error { msg }) => {
                         let _ = tx.send(Err(format!("the mirror refused: {msg}")));
                         return;
                     }
-                    Ok(_) => {
-                        let _ = tx.send(Err("unexpected message from the mirror".into()));
-                        return;
-                    }
+                    Ok(m) => tx.send(Ok(m)),
                     Err(e) => {
                         if !matches!(e, proto::ProtoError::Closed) {
                             let _ = tx.send(Err(format!("reading from the mirror: {e}")));
@@ -477,6 +673,110 @@ fn spawn_ack_reader(stream: TcpStream) -> Receiver<Result<Lsn, String>> {
         })
         .expect("spawning the ack reader");
     rx
+}
+
+/// The shipper's connection as a sync [`Peer`]: sends are throttled and
+/// counted like batches; answers come from the reader thread.
+struct LinkPeer<'a> {
+    cx: &'a Ctx,
+    out: TcpStream,
+    rx: &'a Receiver<Result<Msg, String>>,
+}
+
+impl Peer for LinkPeer<'_> {
+    fn send(&mut self, m: &Msg) -> Result<u64> {
+        if self.cx.stop.load(Ordering::Acquire) {
+            bail!("stopped");
+        }
+        let frame = proto::encode_msg(m)?;
+        let mut last_io = Instant::now();
+        if !self
+            .cx
+            .wait_tokens(frame.len() as u64, &mut self.out, &mut last_io)?
+        {
+            bail!("stopped");
+        }
+        self.out.write_all(&frame)?;
+        let n = frame.len() as u64;
+        self.cx.stats.wire_bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn recv(&mut self) -> Result<Msg> {
+        let until = Instant::now() + self.cx.cfg.io_timeout;
+        loop {
+            if self.cx.stop.load(Ordering::Acquire) {
+                bail!("stopped");
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "the mirror did not answer for {} s",
+                    self.cx.cfg.io_timeout.as_secs()
+                );
+            }
+            match self.rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(Ok(Msg::Pong)) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(Ok(m)) => return Ok(m),
+                Ok(Err(msg)) => bail!("{msg}"),
+                Err(RecvTimeoutError::Disconnected) => bail!("the mirror closed the connection"),
+            }
+        }
+    }
+}
+
+/// Every path a record in `(from, to]` names (both names of a rename or
+/// link), collapsed, and cut down to their parents (then to the whole tree)
+/// when there are more than [`MAX_TOUCHED`].
+fn touched_paths(state: &Path, from: Lsn, to: Lsn) -> Result<Vec<Vec<u8>>> {
+    if to <= from {
+        return Ok(Vec::new());
+    }
+    let reader = crate::wal::WalReader::open(state)?;
+    let mut set = std::collections::BTreeSet::new();
+    for rec in reader.iter_range(from + 1, to) {
+        let rec = rec?;
+        for p in rec.op.paths() {
+            set.insert(p.to_vec());
+        }
+        if set.len() > 4 * MAX_TOUCHED {
+            set = set
+                .into_iter()
+                .map(|p| crate::sync::manifest::parent(&p).to_vec())
+                .collect();
+        }
+    }
+    let mut paths = crate::sync::collapse(set.into_iter().collect());
+    while paths.len() > MAX_TOUCHED {
+        paths = crate::sync::collapse(
+            paths
+                .iter()
+                .map(|p| crate::sync::manifest::parent(p).to_vec())
+                .collect(),
+        );
+    }
+    Ok(paths)
+}
+
+/// Most paths recorded for repair after one sync.
+const MAX_TOUCHED: usize = 10_000;
+/// How often a caught-up shipper looks for paths to repair.
+const REPAIR_CHECK: Duration = Duration::from_secs(1);
+
+/// Stores the backing directory of a mount (absolute) in the catalog, or
+/// reads the one the last mount stored (for `replfs ship`).
+pub fn remember_backing(state: &Path, backing: Option<&Path>) -> Result<Option<PathBuf>> {
+    let cat = Catalog::open(state)
+        .with_context(|| format!("cannot open the catalog in {}", state.display()))?;
+    match backing {
+        Some(b) => {
+            let abs = std::fs::canonicalize(b)
+                .with_context(|| format!("cannot resolve {}", b.display()))?;
+            cat.set(crate::catalog::KEY_BACKING, &abs.to_string_lossy())?;
+            Ok(Some(abs))
+        }
+        None => Ok(cat.get(crate::catalog::KEY_BACKING)?.map(PathBuf::from)),
+    }
 }
 
 /// Works out where to ship: the command line wins over the config file,

@@ -180,6 +180,11 @@ impl Shared {
                     s.wire_bytes.load(Ordering::Relaxed),
                 );
                 st.compression_ratio = (wire > 0).then(|| raw as f64 / wire as f64);
+                let v = s.sync.view();
+                if v.phase != "idle" || v.baselines + v.repairs > 0 {
+                    st.sync = Some(v);
+                }
+                st.coalesced_records = s.coalesced_records.load(Ordering::Relaxed);
             }
             None => st.link = "not configured".into(),
         }
@@ -192,6 +197,7 @@ impl Shared {
         self.fill_throttle(&mut st);
         (st.wal_disk_bytes, st.wal_segments) = status::wal_disk_use(&m.state);
         st.rpo_exceeded = m.rpo.is_some_and(|r| st.lag_seconds > r.as_secs_f64());
+        st.resync_pending = catalog.resync_count()?;
         Ok(st)
     }
 
