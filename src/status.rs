@@ -55,6 +55,12 @@ pub struct Status {
     /// Records left out of batches by coalescing since start.
     #[serde(default)]
     pub coalesced_records: u64,
+    /// Batch bytes put on the wire since start (after lz4), and the record
+    /// bytes they carried (syncs count in `sync.bytes_sent`).
+    #[serde(default)]
+    pub wire_bytes: u64,
+    #[serde(default)]
+    pub raw_bytes: u64,
 }
 
 /// Finds the oldest unacknowledged record and the WAL bytes from it to the

@@ -697,9 +697,8 @@ impl Peer for LinkPeer<'_> {
             bail!("stopped");
         }
         self.out.write_all(&frame)?;
-        let n = frame.len() as u64;
-        self.cx.stats.wire_bytes.fetch_add(n, Ordering::Relaxed);
-        Ok(n)
+        // Counted by the sync's progress (`bytes_sent`), not as batches.
+        Ok(frame.len() as u64)
     }
 
     fn recv(&mut self) -> Result<Msg> {

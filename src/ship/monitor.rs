@@ -180,6 +180,7 @@ impl Shared {
                     s.wire_bytes.load(Ordering::Relaxed),
                 );
                 st.compression_ratio = (wire > 0).then(|| raw as f64 / wire as f64);
+                (st.wire_bytes, st.raw_bytes) = (wire, raw);
                 let v = s.sync.view();
                 if v.phase != "idle" || v.baselines + v.repairs > 0 {
                     st.sync = Some(v);

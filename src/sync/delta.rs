@@ -403,7 +403,7 @@ impl Merger<'_, '_> {
         }
         self.set_xattrs(s, &[])?;
         if s.kind == Kind::File {
-            self.copy_file(s)?;
+            let attr = if self.copy_file(s)? { attr } else { poisoned(attr) };
             self.push(Op::SetAttr {
                 path: s.path.clone(),
                 attr,
@@ -414,8 +414,9 @@ impl Merger<'_, '_> {
     }
 
     /// Sends a new file's data (its size first, then every chunk that is not
-    /// all zeros).
-    fn copy_file(&mut self, s: &Entry) -> Result<()> {
+    /// all zeros). False when the file changed or vanished while it was read
+    /// (see [`poisoned`]).
+    fn copy_file(&mut self, s: &Entry) -> Result<bool> {
         let attr = s.attr();
         self.push(Op::Truncate {
             path: s.path.clone(),
@@ -423,7 +424,7 @@ impl Merger<'_, '_> {
             attr,
         })?;
         let Some(fd) = manifest::open_file_beneath(self.a.root, &s.path)? else {
-            return Ok(()); // gone meanwhile: its removal is in the log
+            return Ok(false); // gone meanwhile: its removal is in the log
         };
         let mut buf = vec![0u8; CHUNK];
         let mut off = 0u64;
@@ -438,7 +439,7 @@ impl Merger<'_, '_> {
             }
             off += n as u64;
         }
-        Ok(())
+        Ok(unchanged(&fd, s))
     }
 
     fn write(&mut self, s: &Entry, off: u64, data: &[u8], attr: Attr) -> Result<()> {
@@ -462,8 +463,11 @@ impl Merger<'_, '_> {
     /// metadata must be set when it is left (instead of setting it now).
     fn update(&mut self, s: &Entry, m: &Entry) -> Result<bool> {
         let mut meta = attr_differs(s, m);
+        let mut attr = s.attr();
         if s.kind == Kind::File && (s.size != m.size || s.mtime != m.mtime) {
-            self.delta(s, m)?;
+            if !self.delta(s, m)? {
+                attr = poisoned(attr);
+            }
             meta = true;
         }
         if s.xattrs != m.xattrs {
@@ -478,7 +482,7 @@ impl Merger<'_, '_> {
             }
             self.push(Op::SetAttr {
                 path: s.path.clone(),
-                attr: s.attr(),
+                attr,
                 atime: None,
             })?;
         }
@@ -510,7 +514,8 @@ impl Merger<'_, '_> {
     }
 
     /// Sends only the blocks of `s` that differ from the mirror's copy.
-    fn delta(&mut self, s: &Entry, m: &Entry) -> Result<()> {
+    /// False when the file changed or vanished while it was read.
+    fn delta(&mut self, s: &Entry, m: &Entry) -> Result<bool> {
         self.flush()?;
         let block = serve::block_for(s.size.max(m.size));
         self.peer.send(&Msg::SumsReq {
@@ -542,7 +547,7 @@ impl Merger<'_, '_> {
             })?;
         }
         let Some(fd) = manifest::open_file_beneath(self.a.root, &s.path)? else {
-            return Ok(());
+            return Ok(false);
         };
         let mut buf = vec![0u8; block as usize];
         let mut off = 0u64;
@@ -573,6 +578,25 @@ impl Merger<'_, '_> {
             off += n as u64;
             i += 1;
         }
-        Ok(())
+        Ok(unchanged(&fd, s))
     }
+}
+
+/// Is the open file still the one the walk saw (same inode, size, mtime)
+/// now that it has been read? If not, what was sent mixes states.
+fn unchanged(fd: &std::os::fd::OwnedFd, s: &Entry) -> bool {
+    crate::apply::sys::fstat(fd).is_ok_and(|st| {
+        st.st_ino == s.ino
+            && st.st_size as u64 == s.size
+            && (st.st_mtime, st.st_mtime_nsec as u32) == (s.mtime.sec, s.mtime.nsec)
+    })
+}
+
+/// The metadata given to a file whose copy may mix states (it changed while
+/// being read): an mtime no real file has, so that the repair that follows
+/// (every change after the walk's start is in the log, so the path is
+/// repaired) never takes it for equal on size and mtime.
+fn poisoned(mut attr: Attr) -> Attr {
+    attr.mtime = Ts { sec: 0, nsec: 1 };
+    attr
 }

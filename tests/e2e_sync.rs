@@ -1,0 +1,252 @@
+//! Baseline and delta sync, verify and coalescing end to end: a real mount
+//! with data that existed before it, a real mirror on 127.0.0.1, trees
+//! compared byte for byte.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::workload::{mixed_workload, pattern};
+use common::*;
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+struct Pair {
+    rig: Rig,
+    key: PathBuf,
+    mdir: PathBuf,
+    mirror: MirrorProc,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let rig = Rig::new();
+        fs::set_permissions(&rig.backing, fs::Permissions::from_mode(0o755)).unwrap();
+        let key = key_file(rig.tmp.path(), "key", 9);
+        let mdir = rig.path("mirror-dir");
+        fs::create_dir_all(&mdir).unwrap();
+        fs::set_permissions(&mdir, fs::Permissions::from_mode(0o755)).unwrap();
+        let mirror = MirrorProc::start(&mdir, &rig.path("mirror-state"), &key, free_port());
+        Pair {
+            rig,
+            key,
+            mdir,
+            mirror,
+        }
+    }
+
+    fn mount(&self, config: Option<&str>) -> Mount {
+        Mount::start_shipping(&self.rig, config, &self.mirror.addr(), &self.key)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = replfs(&["status", "--json", "--state", self.rig.state.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Waits until the mirror equals BACKING and nothing is left to repair.
+    fn converge(&self) {
+        wait_converged(&self.rig.backing, &self.mdir, CONVERGE);
+        let deadline = Instant::now() + CONVERGE;
+        while self.status()["resync_pending"].as_u64() != Some(0) {
+            assert!(Instant::now() < deadline, "repairs never finished");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        wait_converged(&self.rig.backing, &self.mdir, CONVERGE);
+    }
+
+    fn verify(&self, json: bool) -> (i32, String) {
+        let mut a = vec!["verify", "--state", self.rig.state.to_str().unwrap()];
+        if json {
+            a.push("--json");
+        }
+        let out = replfs(&a);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let code = out.status.code().unwrap_or(-1);
+        assert!(
+            code == 0 || code == 1,
+            "verify failed ({code}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (code, text)
+    }
+}
+
+/// `n` files of `size` bytes in `dirs` directories below `root`.
+fn make_files(root: &Path, n: usize, dirs: usize, size: usize) -> u64 {
+    let mut total = 0;
+    for i in 0..n {
+        let d = root.join(format!("d{:03}", i % dirs));
+        fs::create_dir_all(&d).unwrap();
+        let data = pattern(size + i % 97, i as u64);
+        total += data.len() as u64;
+        fs::write(d.join(format!("f{i:05}")), data).unwrap();
+    }
+    total
+}
+
+#[test]
+fn thousands_of_preexisting_files_reach_an_empty_mirror_and_verify_clean() {
+    let p = Pair::new();
+    make_files(&p.rig.backing, 3000, 40, 700);
+    fs::create_dir_all(p.rig.backing.join("deep/er/est")).unwrap();
+    std::os::unix::fs::symlink("../../d000", p.rig.backing.join("deep/er/link")).unwrap();
+    let m = p.mount(None);
+    p.converge();
+    let st = p.status();
+    assert_eq!(st["sync"]["baselines"], 1, "{st}");
+    assert_eq!(st["sync"]["files_done"], st["sync"]["files_total"], "{st}");
+    let (code, text) = p.verify(false);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("identical"), "{text}");
+    // The mirror is damaged behind replfs's back: same size, same mtime.
+    let victim = p.mdir.join("d007/f00007");
+    let mtime = fs::metadata(&victim).unwrap().modified().unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&victim).unwrap();
+    f.write_all_at(b"XX", 10).unwrap();
+    f.set_modified(mtime).unwrap();
+    fs::remove_file(p.mdir.join("d001/f00001")).unwrap();
+    let (code, text) = p.verify(false);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("content   d007/f00007"), "{text}");
+    assert!(text.contains("missing   d001/f00001"), "{text}");
+    let (code, json) = p.verify(true);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["identical"], false);
+    assert_eq!(v["differences"].as_array().unwrap().len(), 2, "{v}");
+    m.unmount();
+}
+
+#[test]
+fn a_mirror_holding_most_of_the_data_receives_only_the_differences() {
+    let p = Pair::new();
+    let total = make_files(&p.rig.backing, 200, 10, 64 << 10);
+    // The DR copy was seeded out of band (e.g. from a backup)...
+    sh(
+        p.rig.tmp.path(),
+        &format!(
+            "cp -a {}/. {}/",
+            p.rig.backing.display(),
+            p.mdir.display()
+        ),
+    );
+    // ... and the source moved on a little since: 5 files changed in place,
+    // one removed, one added; the mirror holds a file the source never had.
+    for i in [3usize, 50, 77, 120, 199] {
+        let f = p.rig.backing.join(format!("d{:03}/f{i:05}", i % 10));
+        let h = fs::OpenOptions::new().write(true).open(&f).unwrap();
+        h.write_all_at(b"changed!", 30_000).unwrap();
+    }
+    fs::remove_file(p.rig.backing.join("d004/f00004")).unwrap();
+    fs::write(p.rig.backing.join("new"), b"new file").unwrap();
+    fs::write(p.mdir.join("stale"), b"only on the mirror").unwrap();
+    let m = p.mount(None);
+    p.converge();
+    let st = p.status();
+    let sent = st["sync"]["bytes_sent"].as_u64().unwrap();
+    let data = st["sync"]["data_sent"].as_u64().unwrap();
+    eprintln!(
+        "delta baseline: {sent} bytes on the wire ({data} of file data) for a {total}-byte tree ({:.4} of it)",
+        sent as f64 / total as f64
+    );
+    assert!(
+        data <= 5 * (64 << 10) + 100,
+        "only the changed blocks travel: {data}"
+    );
+    assert!(sent < total / 20, "{sent} of {total} bytes sent");
+    assert_eq!(p.verify(false).0, 0);
+    m.unmount();
+}
+
+#[test]
+fn writes_during_the_baseline_are_not_lost() {
+    let p = Pair::new();
+    // Enough data that the baseline takes a few seconds at the throttle.
+    make_files(&p.rig.backing, 60, 6, 1 << 20);
+    let cfg = "[throttle]\nrate = \"16MiB/s\"\n";
+    let m = p.mount(Some(cfg));
+    // Change the tree through the mount while the baseline runs: new files,
+    // rewrites of files not yet copied, renames of directories, removals.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut i = 0u64;
+    while Instant::now() < deadline && i < 200 {
+        let d = p.rig.mnt.join(format!("d{:03}", i % 6));
+        fs::write(d.join(format!("new{i}")), pattern(5000, i)).unwrap();
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(d.join(format!("f{:05}", (i * 7 % 60) as usize)))
+            .ok();
+        if let Some(f) = f {
+            f.write_all_at(&pattern(4096, i + 1), (i * 4096) % (1 << 20)).unwrap();
+        }
+        if i % 50 == 10 {
+            fs::rename(
+                p.rig.mnt.join(format!("d{:03}", i % 6)),
+                p.rig.mnt.join(format!("renamed{i}")),
+            )
+            .unwrap();
+            fs::create_dir(p.rig.mnt.join(format!("d{:03}", i % 6))).unwrap();
+        }
+        if i % 13 == 0 {
+            let _ = fs::remove_file(d.join(format!("new{}", i / 2)));
+        }
+        i += 1;
+    }
+    mixed_workload(&p.rig.mnt);
+    let st = p.status();
+    assert!(
+        st["sync"]["baselines"].as_u64().unwrap_or(0) <= 1,
+        "one baseline: {st}"
+    );
+    p.converge();
+    let (code, text) = p.verify(false);
+    assert_eq!(code, 0, "{text}");
+    m.unmount();
+}
+
+#[test]
+fn coalescing_cuts_the_bytes_sent_for_overwrites() {
+    fn run(coalesce: bool) -> (u64, u64) {
+        let p = Pair::new();
+        let cfg = format!("[ship]\ncoalesce = {coalesce}\nbatch_bytes = \"8MiB\"\n");
+        let m = p.mount(Some(&cfg));
+        p.converge();
+        // The mirror is down while the application rewrites the same blocks:
+        // the shipper falls behind.
+        let mut mirror = p.mirror;
+        mirror.stop();
+        let f = fs::File::create(p.rig.mnt.join("db")).unwrap();
+        for round in 0..40u64 {
+            for blk in 0..16u64 {
+                f.write_all_at(&pattern(16 << 10, round * 100 + blk), blk * (16 << 10))
+                    .unwrap();
+            }
+        }
+        f.sync_all().unwrap();
+        drop(f);
+        mirror.restart();
+        wait_converged(&p.rig.backing, &p.mdir, CONVERGE);
+        let out = replfs(&["status", "--json", "--state", p.rig.state.to_str().unwrap()]);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        m.unmount();
+        (
+            st["wire_bytes"].as_u64().unwrap(),
+            st["coalesced_records"].as_u64().unwrap(),
+        )
+    }
+    let (plain, none) = run(false);
+    let (coalesced, dropped) = run(true);
+    eprintln!(
+        "overwrite workload: {plain} wire bytes plain, {coalesced} coalesced \
+         ({dropped} records left out): ratio {:.3}",
+        coalesced as f64 / plain as f64
+    );
+    assert_eq!(none, 0);
+    assert!(dropped > 100, "{dropped}");
+    assert!(coalesced * 3 < plain, "{coalesced} vs {plain}");
+}
