@@ -143,7 +143,11 @@ fn fail_mode_refuses_with_enospc_loses_nothing_and_recovers_with_the_mirror() {
     }
     let refused = refused.expect("the WAL never refused a write");
     assert!(refused >= 20, "refused after only {refused} files");
-    assert!(t.wal_bytes() <= 12 << 20, "WAL uses {} bytes", t.wal_bytes());
+    assert!(
+        t.wal_bytes() <= 12 << 20,
+        "WAL uses {} bytes",
+        t.wal_bytes()
+    );
     // Still refused; what was refused is not in BACKING.
     let e = fs::write(mnt.join("more"), b"x").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
@@ -177,7 +181,10 @@ fn block_mode_blocks_the_writer_until_the_mirror_drains_the_wal() {
     let mut w = writer_child(&t.rig.mnt, 0, 80);
     wait_blocked(&mut w, &t.rig.backing);
     let blocked_at = fs::read_dir(&t.rig.backing).unwrap().count();
-    assert!(blocked_at < 80, "all 80 files (20 MiB) went into a 12 MiB WAL");
+    assert!(
+        blocked_at < 80,
+        "all 80 files (20 MiB) went into a 12 MiB WAL"
+    );
     assert!(t.wal_bytes() <= 12 << 20);
     let _mirror = t.mirror_up();
     assert_eq!(
@@ -246,12 +253,20 @@ fn resync_mode_writes_succeed_and_unlogged_paths_are_in_the_catalog() {
     let t = Down::new();
     let m = t.mount("resync");
     let n = overfill_resync(&t);
-    assert!(t.wal_bytes() <= 12 << 20, "WAL uses {} bytes", t.wal_bytes());
+    assert!(
+        t.wal_bytes() <= 12 << 20,
+        "WAL uses {} bytes",
+        t.wal_bytes()
+    );
     let marked = t.resync_paths();
     let mut dedup = marked.clone();
     dedup.sort();
     dedup.dedup();
-    assert_eq!(dedup.len(), marked.len(), "a path recorded twice: {marked:?}");
+    assert_eq!(
+        dedup.len(),
+        marked.len(),
+        "a path recorded twice: {marked:?}"
+    );
     // Once per path: "late/last" is covered by "late" (a subtree).
     let covered = |p: &str| {
         marked
@@ -277,6 +292,36 @@ fn resync_mode_writes_succeed_and_unlogged_paths_are_in_the_catalog() {
     for p in ["late/a", "late/f0", "late/last"] {
         assert!(covered(p), "{p} neither logged nor marked");
     }
+    m.unmount();
+}
+
+#[test]
+fn resync_mode_logs_again_once_the_mirror_drains() {
+    let t = Down::new();
+    let m = t.mount("resync");
+    let n = overfill_resync(&t);
+    let _mirror = t.mirror_up();
+    // New paths replicate again once logging resumed (each is a new name:
+    // one created while logging was still paused stays marked).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut k = 0;
+    loop {
+        let name = format!("x{k}");
+        fs::write(t.rig.mnt.join(&name), name.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let got = (0..=k).find(|j| {
+            let name = format!("x{j}");
+            fs::read(t.mdir.join(&name)).ok().as_deref() == Some(name.as_bytes())
+        });
+        if got.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing logged after the drain");
+        k += 1;
+    }
+    // Marked paths stay unlogged (the shipper's repair brings them).
+    fs::write(t.rig.mnt.join(format!("f{}", n - 2)), b"changed again").unwrap();
+    assert!(t.resync_paths().contains(&format!("f{}", n - 2)));
     m.unmount();
 }
 

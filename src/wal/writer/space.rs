@@ -157,10 +157,8 @@ impl Shared {
     /// The WAL became full (`why` says how); under `resync` logging pauses.
     pub(super) fn note_full(&self, why: &dyn std::fmt::Display) {
         if !self.full.swap(true, AcqRel) {
-            log::warn!(
-                "the WAL is full: {why} (on_wal_full = {:?})",
-                self.cfg.on_wal_full
-            );
+            let policy = format!("{:?}", self.cfg.on_wal_full).to_lowercase();
+            log::warn!("the WAL is full: {why} (on_wal_full = {policy})");
         }
         if self.cfg.on_wal_full == OnWalFull::Resync && !self.space.paused.swap(true, AcqRel) {
             log::warn!(
