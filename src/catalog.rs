@@ -235,6 +235,23 @@ impl Catalog {
             .map_err(|e| self.err(e))
     }
 
+    /// Like [`Catalog::add_resync`], returning the new row's id (the WAL
+    /// writer keeps it to notice when the shipper cleared the row).
+    pub fn add_resync_id(&self, path: &[u8], reason: &str, lsn: Lsn) -> Result<i64, CatalogError> {
+        self.add_resync(path, reason, lsn)?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Ids of the resync rows still waiting, oldest first.
+    pub fn resync_ids(&self) -> Result<Vec<i64>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT id FROM resync ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = st.query_map([], |r| r.get(0));
+        rows.and_then(Iterator::collect).map_err(|e| self.err(e))
+    }
+
     /// Paths waiting for a resync, oldest first.
     pub fn resync_list(&self) -> Result<Vec<ResyncRow>, CatalogError> {
         let mut st = self

@@ -114,7 +114,10 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
     )?;
     let mut unmounter = session.unmount_callable();
     let mnt = args.mountpoint.clone();
+    let stop_wal = ship_wal.clone();
     crate::daemon::spawn_signal_thread(sigs, services.reloader(), move || {
+        // Writers blocked on a full WAL hold their files open: release them.
+        stop_wal.stop_blocking();
         info!("unmounting {}", mnt.display());
         match unmounter.unmount() {
             Ok(()) => true,

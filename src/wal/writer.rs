@@ -29,7 +29,7 @@ const SPARE_RETRY: Duration = Duration::from_secs(1);
 /// Everything the WAL can fail with; [`WalError::errno`] maps it for FUSE.
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
-    #[error("the WAL is full: no space to prepare its next segment")]
+    #[error("the WAL is full: wal.max_size reached or no disk space for its next segment")]
     Full,
     #[error("{op} {}: {err}", path.display())]
     Io {
@@ -157,6 +157,8 @@ struct Shared {
     spare_state: Mutex<SpareState>,
     spare_wake: Condvar,
     full: AtomicBool,
+    /// Disk use, the WAL-full policies and the paths awaiting resync.
+    space: space::Space,
     closed: AtomicBool,
     failed: AtomicI32,
     failure: Mutex<String>,
@@ -222,6 +224,7 @@ impl Wal {
         let catalog = Catalog::open(state_dir)?;
         let (log, report) = open::recover_log(&dir, cfg, &catalog)?;
         let shared = Arc::new(Shared::new(cfg, dir, log, catalog, lock));
+        shared.init_space()?;
         let inner = Inner {
             shared,
             threads: Mutex::new(Vec::new()),
@@ -236,16 +239,24 @@ impl Wal {
         ))
     }
 
-    /// Called before a change: `Err(Full)` when the WAL has no spare segment
-    /// and the policy is `fail`, so the change is refused before it happens.
+    /// Called before a change, with no file-system lock held. When the WAL
+    /// is full: `fail` returns `Err(Full)` so the change is refused before
+    /// it happens; `block` waits for room (or until the WAL is closed or
+    /// [`Wal::stop_blocking`]); `resync` admits (see [`Wal::record`]).
     pub fn admit(&self) -> Result<(), WalError> {
         let s = &self.inner.shared;
         s.usable()?;
-        if s.full.load(Acquire) && s.cfg.on_wal_full == OnWalFull::Fail {
-            s.kick_spare();
-            return Err(WalError::Full);
+        if !s.full.load(Acquire) {
+            return Ok(());
         }
-        Ok(())
+        match s.cfg.on_wal_full {
+            OnWalFull::Fail => {
+                s.kick_spare();
+                Err(WalError::Full)
+            }
+            OnWalFull::Block => s.wait_room(),
+            OnWalFull::Resync => Ok(()),
+        }
     }
 
     /// Logs a change that already happened; returns its LSN once the record
@@ -314,13 +325,11 @@ impl Wal {
         self.inner.shared.fsyncs.load(Relaxed)
     }
 
-    /// Records in the catalog that `path` needs a resync (policy `resync`
-    /// when a record could not be logged).
+    /// Records in the catalog that `path` needs a resync (a change that
+    /// could not be logged); later changes naming it are marked too, not
+    /// logged, until the shipper cleared the row (see [`Wal::record`]).
     pub fn mark_resync(&self, path: &[u8], reason: &str) -> Result<(), WalError> {
-        let s = &self.inner.shared;
-        Ok(s.catalog
-            .lock()
-            .add_resync(path, reason, s.head.load(Acquire))?)
+        self.inner.shared.mark_paths(&[path], reason)
     }
 
     /// Deletes closed segments whose records are all `<= acked` and durable
@@ -337,6 +346,7 @@ impl Wal {
             let _log = s.log.lock();
             s.closed.swap(true, AcqRel)
         };
+        s.wake_blocked();
         if was_closed {
             return s.usable_ignoring_close();
         }
@@ -422,6 +432,7 @@ impl Shared {
             }),
             spare_wake: Condvar::new(),
             full: AtomicBool::new(false),
+            space: space::Space::default(),
             closed: AtomicBool::new(false),
             failed: AtomicI32::new(0),
             failure: Mutex::new(String::new()),
@@ -457,8 +468,11 @@ impl Shared {
         log::error!("WAL failed: {e}");
         *self.failure.lock() = e.to_string();
         self.failed.store(e.errno().max(1), Release);
-        let _g = self.sync.lock();
-        self.synced.notify_all();
+        {
+            let _g = self.sync.lock();
+            self.synced.notify_all();
+        }
+        self.wake_blocked();
     }
 
     /// Wakes the spare thread (a spare is wanted or rows are queued).
@@ -475,7 +489,7 @@ impl Shared {
             Some(f) => f,
             None => self
                 .make_spare()
-                .inspect_err(|e| self.note_full(e))
+                .inspect_err(|e| self.note_full(&format!("cannot prepare the next segment: {e}")))
                 .map_err(|_| WalError::Full)?,
         };
         let header = SegmentHeader::new(log.next_lsn);
@@ -487,6 +501,11 @@ impl Shared {
             }
         };
         drop(slot);
+        // Disk use cannot pass the limit: no spare now means full now, while
+        // the new segment still has room for every change already admitted.
+        if !self.room_for_spare() {
+            self.note_full(&self.limit_reason());
+        }
         let seed = codec::crc_seed(header.salt);
         let new = Arc::new(Active {
             file: spare,
@@ -506,20 +525,20 @@ impl Shared {
         Ok(())
     }
 
+    /// Creates the spare segment, within `wal.max_size` (else `Full`).
     fn make_spare(&self) -> Result<File, WalError> {
+        if !self.room_for_spare() {
+            return Err(WalError::Full);
+        }
         if self.fail_spare.load(Acquire) {
             let path = self.dir.join(segment::SPARE_NAME);
             return Err(io_err("preallocate", &path)(io::Error::from_raw_os_error(
                 libc::ENOSPC,
             )));
         }
-        segment::create_spare(&self.dir, self.cfg.segment_size)
-    }
-
-    fn note_full(&self, e: &WalError) {
-        if !self.full.swap(true, AcqRel) {
-            log::warn!("cannot prepare the next WAL segment ({e}): the WAL is full");
-        }
+        let f = segment::create_spare(&self.dir, self.cfg.segment_size)?;
+        self.note_created(self.cfg.segment_size);
+        Ok(f)
     }
 
     fn current_row(&self) -> SegmentRow {
@@ -529,7 +548,11 @@ impl Shared {
 }
 
 mod commit;
+mod dirty;
 mod open;
+mod space;
+
+pub use space::WalSpace;
 
 #[cfg(test)]
 mod tests;

@@ -23,7 +23,7 @@ use super::error::{Errno, Res};
 use super::inflight::{Inflight, Mark};
 use super::inodes::{Inode, InodeTable, ROOT_INO};
 use super::sys::{self, cname};
-use crate::config::{Config, OnWalFull};
+use crate::config::Config;
 use crate::wal::{Attr, NodeKind, Op, Ts, Wal};
 
 /// Who asked: the request's credentials.
@@ -47,7 +47,6 @@ pub struct Core {
     next_fh: AtomicU64,
     ns: RwLock<()>,
     pub wal: Wal,
-    on_full: OnWalFull,
     inflight: Inflight,
     /// Test failpoint (env `REPLFS_FAILPOINT=crash-before-log:PATH`): abort
     /// after changing PATH in BACKING, before its record is appended.
@@ -87,11 +86,12 @@ fn join(parent: &[u8], name: &OsStr) -> Vec<u8> {
 }
 
 impl Core {
+    /// (`wal.on_wal_full` is applied by the WAL itself: `Wal::admit`, `Wal::record`.)
     pub fn new(
         backing: &std::path::Path,
         wal: Wal,
         inflight: Inflight,
-        cfg: &Config,
+        _cfg: &Config,
     ) -> anyhow::Result<Core> {
         use anyhow::Context;
         let c =
@@ -106,7 +106,6 @@ impl Core {
             next_fh: AtomicU64::new(1),
             ns: RwLock::new(()),
             wal,
-            on_full: cfg.wal.on_wal_full,
             inflight,
             crash_before_log: std::env::var_os("REPLFS_FAILPOINT").and_then(|v| {
                 use std::os::unix::ffi::OsStrExt;
@@ -142,32 +141,31 @@ impl Core {
         fh
     }
 
-    /// Before a change touches the backing directory: may the WAL take it?
+    /// Before a change touches the backing directory, and before any lock
+    /// is taken (under `on_wal_full = "block"` this may wait for the WAL to
+    /// have room): may the WAL take it? Every change calls it first.
     fn admit(&self) -> Res<()> {
-        match self.wal.admit() {
-            Ok(()) => Ok(()),
-            Err(e) if self.on_full == OnWalFull::Resync => {
-                warn!("WAL cannot take records ({e}); change will be marked for resync");
-                Ok(())
-            }
-            Err(e) => Err(Errno::from(e)),
-        }
+        self.wal.admit().map_err(Errno::from)
     }
 
-    /// Logs a change that already happened. On failure the change cannot be
-    /// undone: it is reported loudly and the caller gets EIO.
+    /// Logs a change that already happened, or records its paths for resync
+    /// when the WAL says so (`resync` policy while full, or a path still
+    /// waiting for a resync): then the LSN is 0 and there is nothing to
+    /// commit. On failure the change cannot be undone: it is reported loudly,
+    /// marked for resync, and the caller gets the error (EIO, ENOSPC...).
     fn log(&self, node: Option<&Inode>, op: Op<'_>) -> Res<u64> {
         if self.crash_before_log.as_deref() == Some(op.path()) {
             error!("failpoint: crashing between the change and its log record");
             std::process::abort();
         }
-        match self.wal.append(&op) {
-            Ok(lsn) => {
+        match self.wal.record(&op) {
+            Ok(Some(lsn)) => {
                 if let Some(n) = node {
                     n.note_lsn(lsn);
                 }
                 Ok(lsn)
             }
+            Ok(None) => Ok(0),
             Err(e) => {
                 error!(
                     "WAL append failed for {} {:?}: {e}; the change is on the backing \

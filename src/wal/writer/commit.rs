@@ -182,14 +182,28 @@ impl Shared {
 
     /// Writes queued catalog rows and keeps a spare segment ready (retrying
     /// at most once per second while the disk is full).
+    /// Also forgets dirty paths the shipper repaired and resumes paused
+    /// logging (`resync` policy) once there is room again.
     fn maintain(&self, last_try: &mut Option<Instant>) {
         self.flush_rows();
-        let due = !self.full.load(Acquire) || last_try.is_none_or(|t| t.elapsed() >= SPARE_RETRY);
-        if !due {
-            return;
-        }
+        self.prune_dirty();
+        self.maintain_spare(last_try);
+        self.update_pause();
+    }
+
+    fn maintain_spare(&self, last_try: &mut Option<Instant>) {
         let mut slot = self.spare.lock();
         if slot.is_some() {
+            return;
+        }
+        if !self.room_for_spare() {
+            // No I/O to retry: try as soon as a retirement frees space.
+            *last_try = None;
+            drop(slot);
+            return self.note_full(&self.limit_reason());
+        }
+        let due = !self.full.load(Acquire) || last_try.is_none_or(|t| t.elapsed() >= SPARE_RETRY);
+        if !due {
             return;
         }
         *last_try = Some(Instant::now());
@@ -200,11 +214,9 @@ impl Shared {
                 if let Err(e) = segment::fsync_dir(&self.dir) {
                     log::warn!("{e}");
                 }
-                if self.full.swap(false, AcqRel) {
-                    log::info!("the WAL has space for its next segment again");
-                }
+                self.note_room();
             }
-            Err(e) => self.note_full(&e),
+            Err(e) => self.note_full(&format!("cannot prepare the next segment: {e}")),
         }
     }
 
@@ -221,23 +233,30 @@ impl Shared {
         }
     }
 
-    /// Deletes closed segments whose last record is `<= upto`.
+    /// Deletes closed segments whose last record is `<= upto` (kept for
+    /// `wal.retain` unless the WAL is full); wakes the spare thread when
+    /// space was freed.
     pub(super) fn retire(&self, upto: Lsn) -> Result<Vec<PathBuf>, WalError> {
         self.flush_rows();
         let list = segment::list_segments(&self.dir)?;
         let current = self.log.lock().seg.header.first_lsn;
+        let retain = self.retention_allowed();
         let mut gone = Vec::new();
         for pair in list.windows(2) {
             let ((first, path), (next_first, _)) = (&pair[0], &pair[1]);
-            if *first >= current || next_first - 1 > upto || self.within_retention(path) {
+            if *first >= current || next_first - 1 > upto || (retain && self.within_retention(path))
+            {
                 break;
             }
+            let len = std::fs::metadata(path).map_or(0, |m| m.len());
             std::fs::remove_file(path).map_err(io_err("remove", path))?;
+            self.note_removed(len);
             gone.push((*first, path.clone()));
         }
         if gone.is_empty() {
             return Ok(Vec::new());
         }
+        self.kick_spare();
         segment::fsync_dir(&self.dir)?;
         let cat = self.catalog.lock();
         for (first, _) in &gone {

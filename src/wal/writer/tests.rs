@@ -506,3 +506,228 @@ fn retention_keeps_acknowledged_segments_for_the_window() {
     let (wal, _) = open(dir.path(), &c);
     assert!(!wal.retire(20).unwrap().is_empty(), "no retention: retired");
 }
+
+// ---- wal.max_size and the WAL-full policies --------------------------------
+
+fn limited(policy: OnWalFull) -> WalConfig {
+    WalConfig {
+        max_size: 12 << 20,
+        on_wal_full: policy,
+        ..cfg(Durability::Batch)
+    }
+}
+
+/// Bytes of every file in the WAL directory (segments and spare).
+fn disk_use(dir: &Path) -> u64 {
+    std::fs::read_dir(segment::wal_dir(dir))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// Appends 512 KiB records (admitted first) until the WAL is full, checking
+/// after each that disk use stays within the limit. Returns the count.
+fn fill(wal: &Wal, dir: &Path) -> u64 {
+    let limit = wal.space().limit;
+    for i in 1..=200 {
+        if wal.space().full {
+            return i - 1;
+        }
+        wal.admit().unwrap();
+        wal.append(&write_op(i, 512 << 10)).unwrap();
+        assert!(disk_use(dir) <= limit, "{} > {limit}", disk_use(dir));
+    }
+    panic!("the WAL never became full");
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Acknowledges everything: the retired segments free space.
+fn ack_all(wal: &Wal) {
+    wal.sync(wal.head_lsn()).unwrap();
+    assert!(!wal.retire(wal.head_lsn()).unwrap().is_empty());
+}
+
+#[test]
+fn max_size_fail_refuses_admission_until_retire_frees_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &limited(OnWalFull::Fail));
+    let n = fill(&wal, dir.path());
+    assert!(n >= 12, "only {n} records of 512 KiB before full");
+    assert_eq!(wal.admit().unwrap_err().errno(), libc::ENOSPC);
+    let sp = wal.space();
+    assert!(
+        sp.full && !sp.logging_paused && sp.used <= sp.limit,
+        "{sp:?}"
+    );
+    assert_eq!(sp.used, disk_use(dir.path()));
+    // A change admitted before the WAL became full still has room.
+    wal.append(&write_op(999, 512 << 10)).unwrap();
+    // The spare thread's retries do not pass the limit either.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(disk_use(dir.path()) <= sp.limit);
+    assert!(wal.admit().is_err());
+    ack_all(&wal);
+    wait_for("admission after retire", || wal.admit().is_ok());
+    assert!(!wal.space().full);
+    // And the cycle repeats: full again, never past the limit.
+    fill(&wal, dir.path());
+    assert!(wal.admit().is_err());
+    wal.close().unwrap();
+    let recs = all_records(dir.path());
+    assert_eq!(recs.last().unwrap().lsn, wal.head_lsn());
+}
+
+#[test]
+fn max_size_block_waits_for_retire_and_errors_on_close_or_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &limited(OnWalFull::Block));
+    fill(&wal, dir.path());
+    let blocked = |wal: &Wal| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = wal.clone();
+        std::thread::spawn(move || tx.send(w.admit()).unwrap());
+        let r = rx.recv_timeout(Duration::from_millis(300));
+        assert!(r.is_err(), "admit returned while full: {r:?}");
+        rx
+    };
+    let rx = blocked(&wal);
+    ack_all(&wal);
+    let r = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("woken by retire");
+    assert!(r.is_ok(), "{r:?}");
+    fill(&wal, dir.path());
+    let rx = blocked(&wal);
+    wal.stop_blocking();
+    let r = rx
+        .recv_timeout(Duration::from_secs(2))
+        .expect("released by stop");
+    assert_eq!(r.unwrap_err().errno(), libc::ENOSPC);
+    assert!(wal.admit().is_err(), "no blocking once stopping");
+    drop(wal);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &limited(OnWalFull::Block));
+    fill(&wal, dir.path());
+    let rx = blocked(&wal);
+    let t0 = Instant::now();
+    wal.close().unwrap();
+    let r = rx
+        .recv_timeout(Duration::from_secs(2))
+        .expect("woken by close");
+    assert!(matches!(r, Err(WalError::Closed)), "{r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+fn resync_rows(dir: &Path) -> Vec<(i64, String)> {
+    Catalog::open(dir)
+        .unwrap()
+        .resync_list()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id, String::from_utf8(r.path).unwrap()))
+        .collect()
+}
+
+fn rename(from: &str, to: &str) -> Op<'static> {
+    Op::Rename {
+        from: from.into(),
+        to: to.into(),
+        flags: 0,
+        from_parent_mtime: Default::default(),
+        to_parent_mtime: Default::default(),
+    }
+}
+
+fn write_to(path: &str) -> Op<'static> {
+    Op::Write {
+        path: path.into(),
+        offset: 0,
+        data: Cow::Borrowed(b"x"),
+        attr: Attr::default(),
+    }
+}
+
+#[test]
+fn max_size_resync_marks_paths_once_and_resumes_logging_with_dirty_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &limited(OnWalFull::Resync));
+    let mut i = 0;
+    while !wal.space().logging_paused {
+        i += 1;
+        assert!(i < 200, "logging never paused");
+        wal.admit().unwrap();
+        assert!(wal.record(&write_op(i, 512 << 10)).unwrap().is_some());
+    }
+    let head = wal.head_lsn();
+    // Full: admitted, not logged, each path recorded once.
+    for j in 0..500 {
+        wal.admit().unwrap();
+        assert_eq!(wal.record(&write_op(j, 10)).unwrap(), None);
+    }
+    assert_eq!(wal.record(&rename("d/f1", "e/x")).unwrap(), None);
+    assert_eq!(wal.head_lsn(), head, "nothing appended while paused");
+    let mut paths: Vec<String> = resync_rows(dir.path()).into_iter().map(|r| r.1).collect();
+    paths.sort();
+    let mut want: Vec<String> = (0..7).map(|k| format!("d/f{k}")).collect();
+    want.push("e/x".into());
+    assert_eq!(paths, want);
+    assert!(disk_use(dir.path()) <= 12 << 20);
+    // Space comes back: logging resumes (under half the limit).
+    ack_all(&wal);
+    wait_for("logging resumes", || !wal.space().logging_paused);
+    assert_eq!(wal.space().resync_pending, 8);
+    // Dirty paths, their subtrees and anything renamed from/into them stay
+    // marked; clean paths are logged.
+    assert_eq!(wal.record(&write_to("d/f1")).unwrap(), None);
+    assert_eq!(wal.record(&write_to("e/x/y")).unwrap(), None);
+    assert_eq!(wal.record(&rename("e", "g")).unwrap(), None, "e holds e/x");
+    assert_eq!(wal.record(&rename("d/f2", "h")).unwrap(), None);
+    assert!(wal.record(&write_to("d/other")).unwrap().is_some());
+    assert!(wal.record(&write_to("zz")).unwrap().is_some());
+    let rows = resync_rows(dir.path());
+    let names: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    assert!(names.contains(&"g") && names.contains(&"h") && names.contains(&"e"));
+    assert_eq!(wal.space().resync_pending, rows.len());
+    // The shipper repairs and clears every row: paths changed again after
+    // their row was recorded come back once; the others are forgotten.
+    let cat = Catalog::open(dir.path()).unwrap();
+    cat.clear_resync(rows.last().unwrap().0).unwrap();
+    wait_for("prune", || wal.space().resync_pending < rows.len());
+    let again: Vec<String> = resync_rows(dir.path()).into_iter().map(|r| r.1).collect();
+    assert!(again.contains(&"d/f1".to_string()), "{again:?}");
+    assert!(!again.contains(&"g".to_string()), "{again:?}");
+    assert_eq!(wal.space().resync_pending, again.len());
+    cat.clear_resync(i64::MAX).unwrap();
+    wait_for("all clean", || wal.space().resync_pending == 0);
+    assert!(resync_rows(dir.path()).is_empty());
+    assert!(wal.record(&write_to("d/f1")).unwrap().is_some());
+    wal.close().unwrap();
+}
+
+#[test]
+fn dirty_paths_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Batch));
+    wal.mark_resync(b"a/b", "test").unwrap();
+    assert_eq!(wal.record(&write_to("a/b/c")).unwrap(), None);
+    assert_eq!(resync_rows(dir.path()).len(), 1, "covered: no second row");
+    wal.close().unwrap();
+    drop(wal);
+    let (wal, _) = open(dir.path(), &cfg(Durability::Batch));
+    assert_eq!(wal.dirty_paths(), vec![b"a/b".to_vec()]);
+    assert!(wal.record(&write_to("a/c")).unwrap().is_some(), "a sibling");
+    assert_eq!(wal.record(&rename("a", "z")).unwrap(), None, "holds a/b");
+    assert_eq!(
+        wal.record(&write_to("a/c")).unwrap(),
+        None,
+        "a is dirty now"
+    );
+}
