@@ -21,6 +21,10 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 pub struct Excludes {
     set: GlobSet,
     patterns: Vec<String>,
+    /// For each anchored pattern (one with a `/`), the directory part of its
+    /// literal prefix (`cache/**` → `cache`, `{a,b}/x` → empty): the only
+    /// subtrees where it can match. See [`Excludes::may_differ_below`].
+    anchored: Vec<Vec<u8>>,
 }
 
 impl Default for Excludes {
@@ -28,6 +32,7 @@ impl Default for Excludes {
         Excludes {
             set: GlobSet::empty(),
             patterns: Vec::new(),
+            anchored: Vec::new(),
         }
     }
 }
@@ -36,6 +41,7 @@ impl Excludes {
     /// Compiles the patterns; a bad one is an error naming it.
     pub fn new(patterns: &[String]) -> Result<Excludes> {
         let mut b = GlobSetBuilder::new();
+        let mut anchored_dirs = Vec::new();
         for p in patterns {
             let t = p.trim();
             if t.is_empty() || t == "/" {
@@ -44,6 +50,7 @@ impl Excludes {
             let anchored = t.trim_start_matches('/');
             let anchored = anchored.trim_end_matches('/');
             let glob = if t.contains('/') && !t.trim_end_matches('/').is_empty() {
+                anchored_dirs.push(literal_dir(anchored));
                 anchored.to_string()
             } else {
                 format!("**/{anchored}")
@@ -59,6 +66,7 @@ impl Excludes {
         Ok(Excludes {
             set,
             patterns: patterns.to_vec(),
+            anchored: anchored_dirs,
         })
     }
 
@@ -93,12 +101,48 @@ impl Excludes {
         false
     }
 
+    /// Could a path below `a` and the same relative path below `b` differ in
+    /// being excluded, when `a` and `b` themselves are not excluded? (Asked
+    /// when an included directory is renamed to an included name: only then
+    /// must its subtree be walked for entries whose status flips.)
+    ///
+    /// Patterns without `/` match single names, so they exclude the same
+    /// relative paths below any included directory: never a difference. An
+    /// anchored pattern can only match below the directory of its literal
+    /// prefix; a difference is possible only when that directory and `a` or
+    /// `b` lie one within the other. Conservative: `true` may be a false alarm.
+    pub fn may_differ_below(&self, a: &[u8], b: &[u8]) -> bool {
+        let nested = |x: &[u8], y: &[u8]| {
+            let (short, long) = if x.len() <= y.len() { (x, y) } else { (y, x) };
+            short.is_empty()
+                || (long.starts_with(short)
+                    && (long.len() == short.len() || long[short.len()] == b'/'))
+        };
+        self.anchored
+            .iter()
+            .any(|dir| nested(dir, a) || nested(dir, b))
+    }
+
     fn matches(&self, path: &[u8]) -> bool {
         // Non-UTF-8 names are matched on their lossy form: a pattern can
         // only name them with wildcards anyway.
         let s = String::from_utf8_lossy(path);
         self.set.is_match(s.as_ref())
     }
+}
+
+/// The directory part of an anchored glob's literal prefix: the components
+/// before the first one holding a wildcard or escape.
+fn literal_dir(glob: &str) -> Vec<u8> {
+    let Some(i) = glob.find(['*', '?', '[', '{', '\\']) else {
+        // Fully literal: it matches that one path (and what is below it).
+        return glob.as_bytes().to_vec();
+    };
+    // The last component of the literal part may be cut short (`ca*`).
+    let lit = &glob[..i];
+    lit.rfind('/')
+        .map_or(&b""[..], |j| lit[..j].as_bytes())
+        .to_vec()
 }
 
 #[cfg(test)]
@@ -124,7 +168,10 @@ mod tests {
         let e = ex(&["cache/**", "/build"]);
         assert!(e.is_excluded(b"cache/a"));
         assert!(e.is_excluded(b"cache/a/b/c"));
-        assert!(!e.is_excluded(b"cache"), "cache/** covers what is below cache");
+        assert!(
+            !e.is_excluded(b"cache"),
+            "cache/** covers what is below cache"
+        );
         assert!(!e.is_excluded(b"x/cache/a"), "anchored at the root");
         assert!(e.is_excluded(b"build"));
         assert!(e.is_excluded(b"build/out.o"), "below an excluded dir");
@@ -153,5 +200,29 @@ mod tests {
     fn non_utf8_names_match_wildcards() {
         let e = ex(&["*.tmp"]);
         assert!(e.is_excluded(b"d/\xff\xfe.tmp"));
+    }
+
+    #[test]
+    fn subtree_status_can_differ_only_near_anchored_patterns() {
+        let e = ex(&["*.tmp", "cache/**", "a/b/*.log"]);
+        assert!(!e.may_differ_below(b"x", b"y"));
+        assert!(!e.may_differ_below(b"cache2", b"y/z"));
+        assert!(e.may_differ_below(b"cache", b"y"), "x/.. renamed to cache");
+        assert!(e.may_differ_below(b"y", b"a"), "a holds a/b");
+        assert!(e.may_differ_below(b"a/b/c", b"y"));
+        assert!(!e.may_differ_below(b"a/c", b"y"));
+        assert!(!ex(&["*.tmp"]).may_differ_below(b"", b"q"));
+        assert!(
+            ex(&["{a,b}/x"]).may_differ_below(b"q", b"r"),
+            "no literal prefix"
+        );
+        assert!(
+            !ex(&["/build"]).may_differ_below(b"q", b"r"),
+            "literal: that path only"
+        );
+        assert!(
+            ex(&["ca*/x"]).may_differ_below(b"q", b"r"),
+            "partial first component"
+        );
     }
 }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod fuse;
 pub mod inflight;
 pub mod inodes;
+pub mod materialize;
 pub mod ops;
 pub mod sys;
 
