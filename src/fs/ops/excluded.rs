@@ -1,0 +1,199 @@
+//! What the core logs when a change touches excluded paths (`crate::exclude`).
+//!
+//! - A change whose paths are all excluded is applied to BACKING and not
+//!   logged. When it adds or removes an entry of a directory that is itself
+//!   logged (`a.tmp` in the root, `cache/x` under `cache` for `cache/**`), that
+//!   directory's new metadata is logged (`SetAttr`), so the replica's copy of
+//!   the directory keeps BACKING's mtime.
+//! - Data and attribute changes are logged under the node's first known name
+//!   that is not excluded: a file reachable by an excluded and an included
+//!   name is logged under the included one.
+//! - A rename or a link that crosses the edge is logged as what the replica
+//!   needs to end up equal to BACKING minus the excluded paths, built by
+//!   `fs::materialize` from BACKING under the exclusive namespace lock:
+//!   out of the excluded area, the new name is recreated with its content
+//!   (subtree, data, xattrs, links within it); into it, the old name's
+//!   subtree is removed bottom-up; `RENAME_EXCHANGE` with one excluded side
+//!   removes what the replica had at the included name and recreates what is
+//!   there now. An included directory moved to another included name is
+//!   looked into when an anchored pattern could treat its entries differently
+//!   there ([`Excludes::may_differ_below`]).
+//!
+//! No record ever names an excluded path.
+
+use super::*;
+use crate::fs::materialize::{self, Emit, Phase};
+
+/// Where a change to a node is logged.
+pub(super) enum Target {
+    /// Under this path, or `None`: the node has no known path (a resync).
+    Log(Option<Vec<u8>>),
+    /// Every known name of the node is excluded: not logged.
+    Skip,
+}
+
+impl Target {
+    pub(super) fn logged(&self) -> bool {
+        matches!(self, Target::Log(_))
+    }
+}
+
+/// A rename that happened in BACKING: each side's parent, entry name, path.
+pub(super) struct Renamed<'a> {
+    pub from: (&'a Arc<Inode>, &'a CStr, Vec<u8>),
+    pub to: (&'a Arc<Inode>, &'a CStr, Vec<u8>),
+    pub flags: u32,
+    /// The node moved, and the one that was at `to`, before the rename.
+    pub src: libc::stat,
+    pub dst: Option<libc::stat>,
+    /// Both parents' mtimes after it.
+    pub mtimes: (Ts, Ts),
+}
+
+fn is_dir(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+impl Core {
+    /// Where a change to `node` is logged: its first known name that is not
+    /// excluded (cheap when the list is empty or the first name is included).
+    pub(super) fn target(&self, node: &Inode) -> Target {
+        let first = node.path();
+        if self.excludes.is_empty() {
+            return Target::Log(first);
+        }
+        match first {
+            None => Target::Log(None),
+            Some(p) if !self.excludes.is_excluded(&p) => Target::Log(Some(p)),
+            Some(_) => node
+                .paths()
+                .into_iter()
+                .find(|p| !self.excludes.is_excluded(p))
+                .map_or(Target::Skip, |p| Target::Log(Some(p))),
+        }
+    }
+
+    /// An entry under an excluded name was added to or removed from `dir`:
+    /// logs the directory's metadata when the directory itself is logged.
+    pub(super) fn dir_changed(&self, dir: &Inode) -> Res<u64> {
+        let Some(path) = dir.path() else { return Ok(0) };
+        if self.excludes.is_excluded(&path) {
+            return Ok(0);
+        }
+        let st = sys::fstat(dir.raw())?;
+        let op = Op::SetAttr {
+            path,
+            attr: attr_of(&st),
+            atime: None,
+        };
+        self.log(Some(dir), op)
+    }
+
+    /// Logs the records `make` emits; returns the last LSN (0 for none). If
+    /// they cannot all be logged, the replica's copy of `roots` is half
+    /// built: those paths are recorded as needing resync.
+    pub(super) fn log_many(
+        &self,
+        roots: &[&[u8]],
+        make: impl FnOnce(&mut Emit<'_>) -> Res<()>,
+    ) -> Res<u64> {
+        let mut last = 0;
+        let r = make(&mut |op: Op<'_>| {
+            last = self.log(None, op)?;
+            Ok(())
+        });
+        if let Err(e) = r {
+            for root in roots {
+                error!(
+                    "cannot log the records rebuilding {:?}: {e}; marking it for resync",
+                    String::from_utf8_lossy(root)
+                );
+                if let Err(e2) = self.wal.mark_resync(root, "rebuilding records not logged") {
+                    error!("cannot record it for resync either: {e2}");
+                }
+            }
+            return Err(e);
+        }
+        Ok(last)
+    }
+
+    /// Logs a rename that happened in BACKING when excludes are configured.
+    pub(super) fn log_rename(&self, r: &Renamed<'_>) -> Res<u64> {
+        let ex = &self.excludes;
+        let (fp, fname, from) = (r.from.0, r.from.1, &r.from.2[..]);
+        let (tp, tname, to) = (r.to.0, r.to.1, &r.to.2[..]);
+        let exchange = r.flags & libc::RENAME_EXCHANGE != 0;
+        let rename = || Op::Rename {
+            from: from.to_vec(),
+            to: to.to_vec(),
+            flags: r.flags,
+            from_parent_mtime: r.mtimes.0,
+            to_parent_mtime: r.mtimes.1,
+        };
+        let other_parent = |lsn: u64, dir: &Inode| -> Res<u64> {
+            if fp.ino == tp.ino {
+                return Ok(lsn);
+            }
+            Ok(self.dir_changed(dir)?.max(lsn))
+        };
+        match (ex.is_excluded(from), ex.is_excluded(to)) {
+            (false, false) => {
+                let differ = ex.may_differ_below(from, to);
+                let walk_src = differ && is_dir(&r.src);
+                let walk_dst = differ && exchange && r.dst.as_ref().is_some_and(is_dir);
+                if !walk_src && !walk_dst {
+                    return self.log(None, rename());
+                }
+                self.log_many(&[from, to], |emit| {
+                    for phase in [Phase::Before, Phase::After] {
+                        if phase == Phase::After {
+                            emit(rename())?;
+                        }
+                        // What was `from` is now at `to`, and for an exchange
+                        // what was `to` at `from`.
+                        if walk_src {
+                            materialize::reconcile(tp.raw(), tname, (from, to), phase, ex, emit)?;
+                        }
+                        if walk_dst {
+                            materialize::reconcile(fp.raw(), fname, (to, from), phase, ex, emit)?;
+                        }
+                    }
+                    Ok(())
+                })
+            }
+            (true, false) => {
+                // `to` now holds what the replica never had.
+                let lsn = self.log_many(&[to], |emit| {
+                    if let Some(d) = &r.dst {
+                        if exchange {
+                            materialize::remove_tree(fp.raw(), fname, to, r.mtimes.1, ex, emit)?;
+                        } else {
+                            emit(Op::Remove {
+                                path: to.to_vec(),
+                                dir: is_dir(d),
+                                parent_mtime: r.mtimes.1,
+                            })?;
+                        }
+                    }
+                    materialize::materialize(tp.raw(), tname, to, r.mtimes.1, ex, emit)
+                })?;
+                other_parent(lsn, fp)
+            }
+            (false, true) => {
+                // The replica's `from` went where it must not follow.
+                let lsn = self.log_many(&[from], |emit| {
+                    materialize::remove_tree(tp.raw(), tname, from, r.mtimes.0, ex, emit)?;
+                    if exchange {
+                        materialize::materialize(fp.raw(), fname, from, r.mtimes.0, ex, emit)?;
+                    }
+                    Ok(())
+                })?;
+                other_parent(lsn, tp)
+            }
+            (true, true) => {
+                let lsn = self.dir_changed(fp)?;
+                other_parent(lsn, tp)
+            }
+        }
+    }
+}
