@@ -20,6 +20,7 @@
 //! is made (nothing is collected, memory does not grow with the subtree).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -32,6 +33,35 @@ use crate::wal::{NodeKind, Op, Ts};
 
 /// Where the records go (the WAL, or a test's vector).
 pub type Emit<'e> = dyn FnMut(Op<'_>) -> Res<()> + 'e;
+
+/// What the walks of one change share beyond BACKING.
+pub struct Scope<'a> {
+    pub ex: &'a Excludes,
+    /// For a node with several links, another name of it that the replica
+    /// already holds, if one is known: the node is then linked, not copied.
+    pub elsewhere: &'a dyn Fn(&libc::stat) -> Option<Vec<u8>>,
+    /// Nodes with several links recreated so far in this change: the path
+    /// their further names link to.
+    linked: RefCell<HashMap<(u64, u64), Vec<u8>>>,
+}
+
+impl<'a> Scope<'a> {
+    pub fn new(
+        ex: &'a Excludes,
+        elsewhere: &'a dyn Fn(&libc::stat) -> Option<Vec<u8>>,
+    ) -> Scope<'a> {
+        Scope {
+            ex,
+            elsewhere,
+            linked: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// A scope that knows no names outside the walks.
+    pub fn alone(ex: &'a Excludes) -> Scope<'a> {
+        Scope::new(ex, &|_| None)
+    }
+}
 
 /// Largest data payload of one `Write` record.
 pub const CHUNK: usize = 1 << 20;
@@ -102,21 +132,18 @@ pub fn materialize(
     name: &CStr,
     path: &[u8],
     parent_mtime: Ts,
-    ex: &Excludes,
+    cx: &Scope<'_>,
     emit: &mut Emit<'_>,
 ) -> Res<()> {
     Materializer {
-        ex,
-        linked: HashMap::new(),
+        cx,
         buf: Vec::new(),
     }
     .node(dir, name, path, parent_mtime, emit)
 }
 
 struct Materializer<'a> {
-    ex: &'a Excludes,
-    /// Non-directories with more than one link, already recreated: their path.
-    linked: HashMap<(u64, u64), Vec<u8>>,
+    cx: &'a Scope<'a>,
     /// Read buffer for data chunks, reused.
     buf: Vec<u8>,
 }
@@ -134,14 +161,17 @@ impl Materializer<'_> {
         let fmt = st.st_mode & libc::S_IFMT;
         if fmt != libc::S_IFDIR && st.st_nlink > 1 {
             let key = (st.st_dev, st.st_ino);
-            if let Some(existing) = self.linked.get(&key) {
+            let known = self.cx.linked.borrow().get(&key).cloned();
+            let known = known.or_else(|| (self.cx.elsewhere)(&st));
+            if let Some(existing) = known {
+                self.cx.linked.borrow_mut().insert(key, existing.clone());
                 return emit(Op::Link {
-                    existing: existing.clone(),
+                    existing,
                     path: path.to_vec(),
                     parent_mtime,
                 });
             }
-            self.linked.insert(key, path.to_vec());
+            self.cx.linked.borrow_mut().insert(key, path.to_vec());
         }
         let attr = attr_of(&st);
         match fmt {
@@ -176,7 +206,7 @@ impl Materializer<'_> {
                 xattrs(&fd, path, emit)?;
                 for n in entries(&fd)? {
                     let p = child(path, n.as_bytes());
-                    if !self.ex.is_excluded(&p) {
+                    if !self.cx.ex.is_excluded(&p) {
                         self.node(fd.as_raw_fd(), &n, &p, attr.mtime, emit)?;
                     }
                 }
@@ -315,7 +345,7 @@ pub fn remove_tree(
     name: &CStr,
     old_path: &[u8],
     parent_mtime: Ts,
-    ex: &Excludes,
+    cx: &Scope<'_>,
     emit: &mut Emit<'_>,
 ) -> Res<()> {
     let st = lstat(dir, name)?;
@@ -324,8 +354,8 @@ pub fn remove_tree(
         let fd = open_dir(dir, name)?;
         for n in entries(&fd)? {
             let p = child(old_path, n.as_bytes());
-            if !ex.is_excluded(&p) {
-                remove_tree(fd.as_raw_fd(), &n, &p, mtime_of(&st), ex, emit)?;
+            if !cx.ex.is_excluded(&p) {
+                remove_tree(fd.as_raw_fd(), &n, &p, mtime_of(&st), cx, emit)?;
             }
         }
     }
@@ -355,7 +385,7 @@ pub fn reconcile(
     name: &CStr,
     (old, new): (&[u8], &[u8]),
     phase: Phase,
-    ex: &Excludes,
+    cx: &Scope<'_>,
     emit: &mut Emit<'_>,
 ) -> Res<()> {
     let st = lstat(dir, name)?;
@@ -366,10 +396,10 @@ pub fn reconcile(
     for n in entries(&fd)? {
         let (o, w) = (child(old, n.as_bytes()), child(new, n.as_bytes()));
         let raw = fd.as_raw_fd();
-        match (ex.is_excluded(&o), ex.is_excluded(&w), phase) {
-            (false, false, _) => reconcile(raw, &n, (&o, &w), phase, ex, emit)?,
-            (false, true, Phase::Before) => remove_tree(raw, &n, &o, mtime_of(&st), ex, emit)?,
-            (true, false, Phase::After) => materialize(raw, &n, &w, mtime_of(&st), ex, emit)?,
+        match (cx.ex.is_excluded(&o), cx.ex.is_excluded(&w), phase) {
+            (false, false, _) => reconcile(raw, &n, (&o, &w), phase, cx, emit)?,
+            (false, true, Phase::Before) => remove_tree(raw, &n, &o, mtime_of(&st), cx, emit)?,
+            (true, false, Phase::After) => materialize(raw, &n, &w, mtime_of(&st), cx, emit)?,
             _ => {}
         }
     }
@@ -453,7 +483,16 @@ mod tests {
         let e = ex(&["*.tmp"]);
         let root = sys::openat(libc::AT_FDCWD, &c(t.path()), libc::O_PATH, 0).unwrap();
         let pm = Ts { sec: 77, nsec: 5 };
-        let ops = collect(|emit| materialize(root.as_raw_fd(), c"src", b"x/y", pm, &e, emit));
+        let ops = collect(|emit| {
+            materialize(
+                root.as_raw_fd(),
+                c"src",
+                b"x/y",
+                pm,
+                &Scope::alone(&e),
+                emit,
+            )
+        });
         // Nothing names an excluded path; data comes in chunks of at most 1 MiB
         // and skips the holes of the sparse file.
         for op in &ops {
@@ -497,7 +536,9 @@ mod tests {
         let e = ex(&["*.tmp"]);
         let root = sys::openat(libc::AT_FDCWD, &c(t.path()), libc::O_PATH, 0).unwrap();
         let pm = Ts { sec: 1, nsec: 0 };
-        let ops = collect(|emit| materialize(root.as_raw_fd(), c"src", b"y", pm, &e, emit));
+        let ops = collect(|emit| {
+            materialize(root.as_raw_fd(), c"src", b"y", pm, &Scope::alone(&e), emit)
+        });
         let replica = t.path().join("replica");
         std::fs::create_dir_all(&replica).unwrap();
         apply(&replica, &ops);
@@ -505,7 +546,16 @@ mod tests {
         // still knows it as y.
         std::fs::rename(t.path().join("src"), t.path().join("moved.tmp")).unwrap();
         let pm = Ts { sec: 99, nsec: 0 };
-        let rm = collect(|emit| remove_tree(root.as_raw_fd(), c"moved.tmp", b"y", pm, &e, emit));
+        let rm = collect(|emit| {
+            remove_tree(
+                root.as_raw_fd(),
+                c"moved.tmp",
+                b"y",
+                pm,
+                &Scope::alone(&e),
+                emit,
+            )
+        });
         assert!(
             rm.iter()
                 .all(|o| o.name() == "unlink" || o.name() == "rmdir")
@@ -531,7 +581,16 @@ mod tests {
         let e = ex(&["*.tmp", "top/cache/**"]);
         let root = sys::openat(libc::AT_FDCWD, &c(t.path()), libc::O_PATH, 0).unwrap();
         let r = root.as_raw_fd();
-        let before = collect(|emit| reconcile(r, c"a", (b"old", b"top"), Phase::Before, &e, emit));
+        let before = collect(|emit| {
+            reconcile(
+                r,
+                c"a",
+                (b"old", b"top"),
+                Phase::Before,
+                &Scope::alone(&e),
+                emit,
+            )
+        });
         let names: Vec<_> = before
             .iter()
             .map(|o| (o.name(), o.path().to_vec()))
@@ -544,9 +603,26 @@ mod tests {
             ]
         );
         assert!(
-            collect(|emit| reconcile(r, c"a", (b"old", b"top"), Phase::After, &e, emit)).is_empty()
+            collect(|emit| reconcile(
+                r,
+                c"a",
+                (b"old", b"top"),
+                Phase::After,
+                &Scope::alone(&e),
+                emit
+            ))
+            .is_empty()
         );
-        let after = collect(|emit| reconcile(r, c"a", (b"top", b"old"), Phase::After, &e, emit));
+        let after = collect(|emit| {
+            reconcile(
+                r,
+                c"a",
+                (b"top", b"old"),
+                Phase::After,
+                &Scope::alone(&e),
+                emit,
+            )
+        });
         let names: Vec<_> = after
             .iter()
             .map(|o| (o.name(), o.path().to_vec()))
@@ -561,8 +637,15 @@ mod tests {
             ]
         );
         assert!(
-            collect(|emit| reconcile(r, c"a", (b"top", b"old"), Phase::Before, &e, emit))
-                .is_empty()
+            collect(|emit| reconcile(
+                r,
+                c"a",
+                (b"top", b"old"),
+                Phase::Before,
+                &Scope::alone(&e),
+                emit
+            ))
+            .is_empty()
         );
     }
 }

@@ -22,7 +22,7 @@
 //! No record ever names an excluded path.
 
 use super::*;
-use crate::fs::materialize::{self, Emit, Phase};
+use crate::fs::materialize::{self, Emit, Phase, Scope};
 
 /// Where a change to a node is logged.
 pub(super) enum Target {
@@ -117,8 +117,63 @@ impl Core {
         Ok(last)
     }
 
+    /// A name the replica holds for the node with stat `st`, if the mount
+    /// knows one: an included name outside the subtrees this change rebuilds.
+    /// `moved` lists them, each with the name the replica knew it by (`None`:
+    /// nothing of it is on the replica); a name inside one of them is held
+    /// when its old name was included (then a `Rename` record took it along).
+    fn elsewhere(&self, st: &libc::stat, moved: &[(&[u8], Option<&[u8]>)]) -> Option<Vec<u8>> {
+        let node = self.inodes.by_key((st.st_dev, st.st_ino))?;
+        let held = |p: &[u8]| {
+            moved.iter().all(|(new, old)| {
+                let Some(rest) = p.strip_prefix(*new) else {
+                    return true;
+                };
+                if !(rest.is_empty() || rest[0] == b'/') {
+                    return true;
+                }
+                old.is_some_and(|o| !self.excludes.is_excluded(&[o, rest].concat()))
+            })
+        };
+        node.paths()
+            .into_iter()
+            .find(|p| !self.excludes.is_excluded(p) && held(p))
+    }
+
+    /// The walk scope of a change rebuilding the subtrees `moved` (see
+    /// [`Core::elsewhere`]).
+    pub(super) fn with_scope<T>(
+        &self,
+        moved: &[(&[u8], Option<&[u8]>)],
+        f: impl FnOnce(&Scope<'_>) -> T,
+    ) -> T {
+        let elsewhere = |st: &libc::stat| self.elsewhere(st, moved);
+        f(&Scope::new(&self.excludes, &elsewhere))
+    }
+
     /// Logs a rename that happened in BACKING when excludes are configured.
     pub(super) fn log_rename(&self, r: &Renamed<'_>) -> Res<u64> {
+        let (from, to) = (&r.from.2[..], &r.to.2[..]);
+        let (exf, ext) = (
+            self.excludes.is_excluded(from),
+            self.excludes.is_excluded(to),
+        );
+        // What the replica holds below the names this change rebuilds.
+        let moved: &[(&[u8], Option<&[u8]>)] = match (exf, ext) {
+            (false, false) => &[(to, Some(from)), (from, Some(to))],
+            (true, false) => &[(to, None)],
+            (false, true) => &[(from, None)],
+            (true, true) => &[],
+        };
+        let moved = if r.flags & libc::RENAME_EXCHANGE == 0 && !(exf || ext) {
+            &moved[..1]
+        } else {
+            moved
+        };
+        self.with_scope(moved, |cx| self.log_rename_in(r, cx))
+    }
+
+    fn log_rename_in(&self, r: &Renamed<'_>, cx: &Scope<'_>) -> Res<u64> {
         let ex = &self.excludes;
         let (fp, fname, from) = (r.from.0, r.from.1, &r.from.2[..]);
         let (tp, tname, to) = (r.to.0, r.to.1, &r.to.2[..]);
@@ -152,10 +207,10 @@ impl Core {
                         // What was `from` is now at `to`, and for an exchange
                         // what was `to` at `from`.
                         if walk_src {
-                            materialize::reconcile(tp.raw(), tname, (from, to), phase, ex, emit)?;
+                            materialize::reconcile(tp.raw(), tname, (from, to), phase, cx, emit)?;
                         }
                         if walk_dst {
-                            materialize::reconcile(fp.raw(), fname, (to, from), phase, ex, emit)?;
+                            materialize::reconcile(fp.raw(), fname, (to, from), phase, cx, emit)?;
                         }
                     }
                     Ok(())
@@ -166,7 +221,7 @@ impl Core {
                 let lsn = self.log_many(&[to], |emit| {
                     if let Some(d) = &r.dst {
                         if exchange {
-                            materialize::remove_tree(fp.raw(), fname, to, r.mtimes.1, ex, emit)?;
+                            materialize::remove_tree(fp.raw(), fname, to, r.mtimes.1, cx, emit)?;
                         } else {
                             emit(Op::Remove {
                                 path: to.to_vec(),
@@ -175,16 +230,16 @@ impl Core {
                             })?;
                         }
                     }
-                    materialize::materialize(tp.raw(), tname, to, r.mtimes.1, ex, emit)
+                    materialize::materialize(tp.raw(), tname, to, r.mtimes.1, cx, emit)
                 })?;
                 other_parent(lsn, fp)
             }
             (false, true) => {
                 // The replica's `from` went where it must not follow.
                 let lsn = self.log_many(&[from], |emit| {
-                    materialize::remove_tree(tp.raw(), tname, from, r.mtimes.0, ex, emit)?;
+                    materialize::remove_tree(tp.raw(), tname, from, r.mtimes.0, cx, emit)?;
                     if exchange {
-                        materialize::materialize(fp.raw(), fname, from, r.mtimes.0, ex, emit)?;
+                        materialize::materialize(fp.raw(), fname, from, r.mtimes.0, cx, emit)?;
                     }
                     Ok(())
                 })?;

@@ -193,9 +193,10 @@ impl Core {
             }),
             Target::Skip => {
                 let pm = mtime_of(&pst);
-                let ex = &self.excludes;
-                let lsn = self.log_many(&[&path], |emit| {
-                    crate::fs::materialize::materialize(np.raw(), &c, &path, pm, ex, emit)
+                let lsn = self.with_scope(&[(&path, None)], |cx| {
+                    self.log_many(&[&path], |emit| {
+                        crate::fs::materialize::materialize(np.raw(), &c, &path, pm, cx, emit)
+                    })
                 })?;
                 node.note_lsn(lsn);
                 None
