@@ -184,7 +184,10 @@ impl Core {
         };
         let m = self.mark(&[path.as_deref()]);
         let n = sys::copy_file_range(hi.fd.as_raw_fd(), off_in, ho.fd.as_raw_fd(), off_out, len)?;
-        let fd = ho.fd.as_raw_fd();
+        // The destination may be open write-only: read it back through a
+        // descriptor of its own.
+        let reader = sys::reopen(ho.node.raw(), libc::O_RDONLY)?;
+        let fd = reader.as_raw_fd();
         let st = sys::fstat(fd)?;
         let mut lsn = 0;
         let mut done = 0usize;
