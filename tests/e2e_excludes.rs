@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::workload::{pattern, renameat2, setxattr};
+use common::workload::{pattern, renameat2, set_times, setxattr};
 use common::*;
 use replfs::exclude::Excludes;
 
@@ -154,10 +154,24 @@ fn workload(m: &Path) {
          for i in 1 2 3; do printf $i >> d/scratch.tmp; printf $i >> cache/log; done
          mv d/scratch.tmp d/scratch2.tmp; rm d/e/t.tmp
          mkdir cache/gone; printf g > cache/gone/g; rm -r cache/gone
-         printf stash > stash/keep/s; printf t > stash/keep/x.tmp",
+         printf stash > stash/keep/s; printf t > stash/keep/x.tmp
+         fallocate -l 1M cache/fa.bin; fallocate -l 64K fa.txt; fallocate -p -o 4096 -l 4096 fa.txt
+         truncate -s 10 d/trunc.tmp; truncate -s 5000 cache/x/keep.dat
+         python3 -c '
+import os
+a = os.open(\"d/f1.txt\", os.O_RDONLY)
+b = os.open(\"cache/cfr.bin\", os.O_WRONLY | os.O_CREAT, 0o644)
+c = os.open(\"cfr_in.txt\", os.O_WRONLY | os.O_CREAT, 0o644)
+x = os.open(\"cache/x/sub/big.bin\", os.O_RDONLY)
+assert os.copy_file_range(a, b, 3) == 3
+assert os.copy_file_range(x, c, 70000, 1000, 0) == 70000
+'",
     );
     setxattr(&m.join("cache/x/keep.dat"), "user.k", b"v");
     setxattr(&m.join("a.tmp"), "user.t", b"tmp");
+    setxattr(&m.join("a.tmp"), "user.gone", b"x");
+    common::workload::removexattr(&m.join("a.tmp"), "user.gone");
+    set_times(&m.join("cache/log"), (1, 0), (1_600_000_000, 5), false);
     fs::write(m.join("a.tmp"), pattern(1_300_000, 5)).unwrap();
     // Out of the excluded area: content appears on the mirror.
     fs::rename(m.join("a.tmp"), m.join("a.txt")).unwrap();
@@ -209,8 +223,15 @@ fn excluded_paths_stay_local_and_the_rest_converges() {
         "a.txt",
         "y/keep.dat",
         "y/sub/big.bin",
+        "y/sub/fifo",
         "l1.txt",
         "swapme.txt",
+        "cfr_in.txt",
+        "fa.txt",
+        "xd/in2/g",
+        "cache_old/xd2/in/f",
+        "cache_old/log",
+        "cache",
     ] {
         assert!(
             expected.join(must).exists(),
@@ -283,4 +304,38 @@ fn a_changed_exclude_list_records_the_whole_tree_for_resync() {
     rig.mount(Some(&config(&["*.tmp", "cache/**", "*.log"])))
         .unmount();
     assert_eq!(catalog().resync_list().unwrap().len(), 1);
+}
+
+#[test]
+fn an_excluded_change_in_flight_at_a_crash_logs_only_its_parent() {
+    let rig = Rig::new();
+    let cfg = config(&PATTERNS);
+    fs::create_dir(rig.backing.join("cache")).unwrap();
+    // Creating cache/victim logs cache's metadata: crash right before that.
+    let m = Mount::start_env(
+        &rig.backing,
+        &rig.mnt,
+        &rig.state,
+        Some(&cfg),
+        &[("REPLFS_FAILPOINT", "crash-before-log:cache")],
+    );
+    fs::write(rig.mnt.join("d.txt"), b"logged").unwrap();
+    assert!(fs::write(rig.mnt.join("cache/victim"), b"x").is_err());
+    m.wait_crashed();
+    assert!(rig.backing.join("cache/victim").exists());
+    rig.mount(Some(&cfg)).unmount();
+    let recs = rig.dump();
+    assert!(!recs.iter().any(|r| r["op"] == "resync"), "{recs:?}");
+    let last = recs.iter().rev().find(|r| r["path"] == "cache").unwrap();
+    assert_eq!(last["op"], "setattr");
+    let st = fs::metadata(rig.backing.join("cache")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        last["mtime"].as_str().unwrap(),
+        humantime::format_rfc3339_nanos(
+            std::time::UNIX_EPOCH + Duration::new(st.mtime() as u64, st.mtime_nsec() as u32)
+        )
+        .to_string(),
+        "cache's metadata as BACKING has it after the crash"
+    );
 }
