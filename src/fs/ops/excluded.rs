@@ -1,25 +1,7 @@
-//! What the core logs when a change touches excluded paths (`crate::exclude`).
-//!
-//! - A change whose paths are all excluded is applied to BACKING and not
-//!   logged. When it adds or removes an entry of a directory that is itself
-//!   logged (`a.tmp` in the root, `cache/x` under `cache` for `cache/**`), that
-//!   directory's new metadata is logged (`SetAttr`), so the replica's copy of
-//!   the directory keeps BACKING's mtime.
-//! - Data and attribute changes are logged under the node's first known name
-//!   that is not excluded: a file reachable by an excluded and an included
-//!   name is logged under the included one.
-//! - A rename or a link that crosses the edge is logged as what the replica
-//!   needs to end up equal to BACKING minus the excluded paths, built by
-//!   `fs::materialize` from BACKING under the exclusive namespace lock:
-//!   out of the excluded area, the new name is recreated with its content
-//!   (subtree, data, xattrs, links within it); into it, the old name's
-//!   subtree is removed bottom-up; `RENAME_EXCHANGE` with one excluded side
-//!   removes what the replica had at the included name and recreates what is
-//!   there now. An included directory moved to another included name is
-//!   looked into when an anchored pattern could treat its entries differently
-//!   there ([`Excludes::may_differ_below`]).
-//!
-//! No record ever names an excluded path.
+//! What the core logs when a change touches excluded paths: the behaviour,
+//! and its limits, are described in `crate::exclude` ("In the mount"); the
+//! records rebuilding or removing a replica's subtree come from
+//! `fs::materialize`. No record ever names an excluded path.
 
 use super::*;
 use crate::fs::materialize::{self, Emit, Phase, Scope};
