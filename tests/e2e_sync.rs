@@ -43,8 +43,17 @@ impl Pair {
     }
 
     fn status(&self) -> serde_json::Value {
-        let out = replfs(&["status", "--json", "--state", self.rig.state.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = replfs(&[
+            "status",
+            "--json",
+            "--state",
+            self.rig.state.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -129,11 +138,7 @@ fn a_mirror_holding_most_of_the_data_receives_only_the_differences() {
     // The DR copy was seeded out of band (e.g. from a backup)...
     sh(
         p.rig.tmp.path(),
-        &format!(
-            "cp -a {}/. {}/",
-            p.rig.backing.display(),
-            p.mdir.display()
-        ),
+        &format!("cp -a {}/. {}/", p.rig.backing.display(), p.mdir.display()),
     );
     // ... and the source moved on a little since: 5 files changed in place,
     // one removed, one added; the mirror holds a file the source never had.
@@ -182,7 +187,8 @@ fn writes_during_the_baseline_are_not_lost() {
             .open(d.join(format!("f{:05}", (i * 7 % 60) as usize)))
             .ok();
         if let Some(f) = f {
-            f.write_all_at(&pattern(4096, i + 1), (i * 4096) % (1 << 20)).unwrap();
+            f.write_all_at(&pattern(4096, i + 1), (i * 4096) % (1 << 20))
+                .unwrap();
         }
         if i % 50 == 10 {
             fs::rename(

@@ -328,7 +328,6 @@ fn resync_mode_logs_again_once_the_mirror_drains() {
 /// Needs the shipper's repair of catalog resync rows (delta sync once caught
 /// up, then `Catalog::clear_resync`), which is not on this branch yet.
 #[test]
-#[ignore = "needs the shipper's resync repair (another branch); run with --ignored"]
 fn resync_mode_converges_after_repair() {
     let t = Down::new();
     let m = t.mount("resync");

@@ -79,6 +79,26 @@ impl Inode {
         links.insert(0, (new.0.clone(), new.1.to_owned()));
     }
 
+    /// Every known name's path (names under a parent of unknown path left
+    /// out), the first name's first.
+    pub fn paths(&self) -> Vec<Vec<u8>> {
+        if self.ino == ROOT_INO {
+            return vec![Vec::new()];
+        }
+        let links = self.links.lock().clone();
+        links
+            .into_iter()
+            .filter_map(|(parent, name)| {
+                let mut p = parent.path()?;
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(name.as_bytes());
+                Some(p)
+            })
+            .collect()
+    }
+
     /// The path relative to the volume root, or None if the inode has no known name.
     pub fn path(&self) -> Option<Vec<u8>> {
         if self.ino == ROOT_INO {

@@ -7,6 +7,7 @@ pub mod error;
 pub mod fuse;
 pub mod inflight;
 pub mod inodes;
+pub mod materialize;
 pub mod ops;
 pub mod sys;
 
@@ -91,8 +92,10 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
             seg.display()
         );
     }
+    let excludes = crate::exclude::Excludes::new(&args.config.exclude)?;
+    check_exclude_list(&args.state, &wal, &excludes)?;
     let (inflight, left) = inflight::Inflight::open(&args.state)?;
-    mark_left_over(&wal, &args.backing, left)?;
+    mark_left_over(&wal, &args.backing, &excludes, left)?;
     let ship_wal = wal.clone();
     let core = Arc::new(ops::Core::new(&args.backing, wal, inflight, &args.config)?);
     let fs = fuse::ReplFs::new(core.clone(), args.config.mount.attr_timeout);
@@ -141,13 +144,52 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
     Ok(())
 }
 
+/// Catalog key of the exclude list the mount last ran with.
+pub const KEY_EXCLUDE_FINGERPRINT: &str = "exclude.fingerprint";
+
+/// A mount that starts with another exclude list than the last one records
+/// the whole tree for resync: paths newly excluded must leave the replica,
+/// paths no longer excluded must reach it. The first mount only stores it.
+fn check_exclude_list(state: &Path, wal: &Wal, ex: &crate::exclude::Excludes) -> Result<()> {
+    let cat = crate::catalog::Catalog::open(state)?;
+    let now = ex.fingerprint();
+    match cat.get(KEY_EXCLUDE_FINGERPRINT)? {
+        Some(old) if old == now => return Ok(()),
+        Some(old) => {
+            warn!(
+                "the exclude list changed ({:?} -> {:?}): the whole tree is recorded for resync",
+                old.replace('\n', ", "),
+                now.replace('\n', ", ")
+            );
+            cat.add_resync(b"", "exclude list changed", wal.head_lsn())?;
+        }
+        None => {}
+    }
+    cat.set(KEY_EXCLUDE_FINGERPRINT, &now)?;
+    Ok(())
+}
+
 /// Changes that were in flight when a previous run died may be in BACKING
 /// but not in the log: log their paths as needing resync, durably, before
 /// anything else happens. A change to an entry also changed its parent
 /// directory's mtime: the parent's metadata as BACKING has it now is logged
 /// too, so the replica's parent converges without a resync of its subtree.
-fn mark_left_over(wal: &Wal, backing: &Path, paths: Vec<Vec<u8>>) -> Result<()> {
+/// An excluded path is never logged: only its parent's metadata is.
+fn mark_left_over(
+    wal: &Wal,
+    backing: &Path,
+    ex: &crate::exclude::Excludes,
+    paths: Vec<Vec<u8>>,
+) -> Result<()> {
     for path in paths {
+        if ex.is_excluded(&path) {
+            let parent = parent_attr(backing, &path).filter(|op| !ex.is_excluded(op.path()));
+            if let Some(op) = parent {
+                let lsn = wal.append(&op)?;
+                wal.sync(lsn)?;
+            }
+            continue;
+        }
         warn!(
             "a change to {:?} was in flight when the previous run stopped; logging it as needing resync",
             String::from_utf8_lossy(&path)

@@ -336,8 +336,14 @@ fn verifier_session(vol: &Volume, s: &TcpStream, peer: SocketAddr, stop: &Atomic
             },
             Ok(Msg::Error { .. }) | Err(ProtoError::Closed) => return,
             Ok(other) => {
-                warn!("peer {peer} volume {v}: {} from a verifier; closing", other.name());
-                send_error(s, &format!("unexpected {} message from a verifier", other.name()));
+                warn!(
+                    "peer {peer} volume {v}: {} from a verifier; closing",
+                    other.name()
+                );
+                send_error(
+                    s,
+                    &format!("unexpected {} message from a verifier", other.name()),
+                );
                 return;
             }
             Err(e) => {

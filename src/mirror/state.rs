@@ -185,7 +185,10 @@ impl MirrorDb {
     /// A baseline from `source` starts: the replica is now positioned at
     /// `lsn` of that source's log, and earlier resync requests are void.
     pub fn begin_baseline(&self, volume: &str, source: &str, lsn: Lsn, now_ns: i64) -> Result<()> {
-        let tx = self.conn.unchecked_transaction().with_context(|| self.ctx())?;
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .with_context(|| self.ctx())?;
         tx.execute(
             "INSERT INTO sources (volume, source) VALUES (?1, ?2)
              ON CONFLICT (volume) DO UPDATE SET source = excluded.source",

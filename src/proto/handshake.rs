@@ -276,9 +276,7 @@ fn server<S: Read + Write>(
             "the client rejected our proof for volume {vol:?}: the keys differ ({})",
             error_text(&p)
         ))),
-        (t::AUTH, None) if p.len() == PROOF_LEN + 1 => {
-            fail(s, format!("unknown volume {vol:?}"))
-        }
+        (t::AUTH, None) if p.len() == PROOF_LEN + 1 => fail(s, format!("unknown volume {vol:?}")),
         (t::AUTH, Some(k)) if p.len() == PROOF_LEN + 1 => {
             let expected = proof(k, CLIENT_LABEL, &hello.nonce, &ns, &vol);
             let role = match p[PROOF_LEN] {

@@ -376,10 +376,7 @@ pub fn decode_msg(ty: u8, p: &[u8]) -> Result<Msg, ProtoError> {
             sync::check_block(block)?;
             let n = c.u32()? as usize;
             if n > sync::MAX_SUMS || c.rest().len() != n * sync::SUM_LEN {
-                return malformed(format!(
-                    "Sums of {n} checksums in {} bytes",
-                    c.rest().len()
-                ));
+                return malformed(format!("Sums of {n} checksums in {} bytes", c.rest().len()));
             }
             let sums = c
                 .rest()

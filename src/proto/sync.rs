@@ -39,15 +39,21 @@ impl<'a> Cur<'a> {
     }
 
     pub fn u16(&mut self) -> Result<u16, ProtoError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap_or([0; 2])))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().unwrap_or([0; 2]),
+        ))
     }
 
     pub fn u32(&mut self) -> Result<u32, ProtoError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or([0; 4])))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().unwrap_or([0; 4]),
+        ))
     }
 
     pub fn u64(&mut self) -> Result<u64, ProtoError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap_or([0; 8])))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().unwrap_or([0; 8]),
+        ))
     }
 
     pub fn i64(&mut self) -> Result<i64, ProtoError> {
@@ -95,7 +101,10 @@ pub(crate) fn put16(out: &mut Vec<u8>, b: &[u8]) -> Result<(), ProtoError> {
 
 pub(super) fn put_source(out: &mut Vec<u8>, id: &str) -> Result<(), ProtoError> {
     if id.len() > MAX_SOURCE_ID_LEN {
-        return Err(ProtoError::Encode(format!("source id of {} bytes", id.len())));
+        return Err(ProtoError::Encode(format!(
+            "source id of {} bytes",
+            id.len()
+        )));
     }
     out.push(id.len() as u8);
     out.extend_from_slice(id.as_bytes());
@@ -108,7 +117,10 @@ pub(super) fn get_source(c: &mut Cur<'_>) -> Result<String, ProtoError> {
         return malformed(format!("source id of {n} bytes"));
     }
     let b = c.take(n)?;
-    if !b.iter().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c)) {
+    if !b
+        .iter()
+        .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+    {
         return malformed("source id with characters outside [A-Za-z0-9._-]");
     }
     Ok(String::from_utf8_lossy(b).into_owned())

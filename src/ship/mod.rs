@@ -342,10 +342,20 @@ impl Ctx {
         })?;
         match peer.recv()? {
             Msg::Ack { lsn } if lsn == l0 => {}
-            other => bail!("expected the mirror's Ack of SyncBegin, got {}", other.name()),
+            other => bail!(
+                "expected the mirror's Ack of SyncBegin, got {}",
+                other.name()
+            ),
         }
         self.acked(l0);
-        self.run_sync(peer, cat, &root, &[Vec::new()], l0, rows.last().map(|r| r.id))?;
+        self.run_sync(
+            peer,
+            cat,
+            &root,
+            &[Vec::new()],
+            l0,
+            rows.last().map(|r| r.id),
+        )?;
         self.stats.sync.baselines.fetch_add(1, Ordering::Relaxed);
         Ok(l0)
     }
@@ -622,7 +632,9 @@ impl Ctx {
             self.stats
                 .coalesced_records
                 .fetch_add(before - records.len() as u64, Ordering::Relaxed);
-            self.stats.coalesced_bytes.fetch_add(saved, Ordering::Relaxed);
+            self.stats
+                .coalesced_bytes
+                .fetch_add(saved, Ordering::Relaxed);
         }
         Ok((Batch { records }, bytes))
     }

@@ -403,7 +403,11 @@ impl Merger<'_, '_> {
         }
         self.set_xattrs(s, &[])?;
         if s.kind == Kind::File {
-            let attr = if self.copy_file(s)? { attr } else { poisoned(attr) };
+            let attr = if self.copy_file(s)? {
+                attr
+            } else {
+                poisoned(attr)
+            };
             self.push(Op::SetAttr {
                 path: s.path.clone(),
                 attr,

@@ -125,8 +125,8 @@ pub fn encode_entry(e: &Entry, out: &mut Vec<u8>) -> Result<(), ProtoError> {
     out.extend_from_slice(&e.ino.to_le_bytes());
     out.extend_from_slice(&e.nlink.to_le_bytes());
     put16(out, &e.target)?;
-    let n = u16::try_from(e.xattrs.len())
-        .map_err(|_| ProtoError::Encode("too many xattrs".into()))?;
+    let n =
+        u16::try_from(e.xattrs.len()).map_err(|_| ProtoError::Encode("too many xattrs".into()))?;
     out.extend_from_slice(&n.to_le_bytes());
     for (name, value) in &e.xattrs {
         put16(out, name)?;
@@ -171,7 +171,9 @@ fn decode_entry(c: &mut Cur<'_>) -> Result<Entry, ProtoError> {
         let name = c.bytes16()?.to_vec();
         let len = c.u32()? as usize;
         if len > MAX_XATTR_VALUE || name.is_empty() || name.contains(&0) {
-            return Err(ProtoError::Malformed("bad xattr in a manifest entry".into()));
+            return Err(ProtoError::Malformed(
+                "bad xattr in a manifest entry".into(),
+            ));
         }
         xattrs.push((name, c.take(len)?.to_vec()));
     }
@@ -338,10 +340,7 @@ impl Walker<'_> {
         f: &mut dyn FnMut(Entry) -> Result<()>,
     ) -> Result<()> {
         let mut names = read_names(dir).with_context(|| {
-            format!(
-                "cannot list directory {}",
-                crate::apply::display_path(base)
-            )
+            format!("cannot list directory {}", crate::apply::display_path(base))
         })?;
         names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         for name in names {
@@ -375,9 +374,8 @@ impl Walker<'_> {
             Ok(st) => st,
             Err(e) if gone(&e) => return Ok(None),
             Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("cannot stat {}", crate::apply::display_path(path))
-                });
+                return Err(e)
+                    .with_context(|| format!("cannot stat {}", crate::apply::display_path(path)));
             }
         };
         let Some(kind) = Kind::of_mode(st.st_mode) else {
@@ -389,7 +387,11 @@ impl Walker<'_> {
             mode: st.st_mode,
             uid: st.st_uid,
             gid: st.st_gid,
-            size: if kind == Kind::Dir { 0 } else { st.st_size as u64 },
+            size: if kind == Kind::Dir {
+                0
+            } else {
+                st.st_size as u64
+            },
             mtime: Ts {
                 sec: st.st_mtime,
                 nsec: st.st_mtime_nsec as u32,
@@ -503,18 +505,15 @@ pub fn read_xattrs(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut val = vec![0u8; 256];
         loop {
             // SAFETY: valid C string and buffer.
-            let n = unsafe {
-                libc::fgetxattr(raw, cname.as_ptr(), val.as_mut_ptr().cast(), val.len())
-            };
+            let n =
+                unsafe { libc::fgetxattr(raw, cname.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
             if n >= 0 {
                 val.truncate(n as usize);
                 break;
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
-                Some(libc::ERANGE) if val.len() < MAX_XATTR_VALUE => {
-                    val.resize(MAX_XATTR_VALUE, 0)
-                }
+                Some(libc::ERANGE) if val.len() < MAX_XATTR_VALUE => val.resize(MAX_XATTR_VALUE, 0),
                 Some(libc::ENODATA) => {
                     val.clear();
                     break;
@@ -576,9 +575,15 @@ pub fn open_root(dir: &std::path::Path) -> Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     let c = CString::new(dir.as_os_str().as_bytes()).map_err(|_| anyhow!("NUL in a path"))?;
     // SAFETY: valid C string; the descriptor is ours alone.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("cannot open {}", dir.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("cannot open {}", dir.display()));
     }
     // SAFETY: just returned by the kernel.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

@@ -198,7 +198,12 @@ pub struct Spool {
 
 impl Spool {
     /// Asks the peer for the manifest of `path` and spools it into `dir`.
-    pub fn fetch(peer: &mut dyn Peer, path: &[u8], hashes: bool, dir: &std::path::Path) -> Result<Spool> {
+    pub fn fetch(
+        peer: &mut dyn Peer,
+        path: &[u8],
+        hashes: bool,
+        dir: &std::path::Path,
+    ) -> Result<Spool> {
         let mut f = tempfile::tempfile_in(dir)
             .with_context(|| format!("cannot create a spool file in {}", dir.display()))?;
         peer.send(&Msg::ManifestReq {

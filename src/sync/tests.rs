@@ -115,7 +115,13 @@ fn set_xattr(p: &Path, name: &str, value: &[u8]) {
     let n = std::ffi::CString::new(name).unwrap();
     // SAFETY: valid C strings and buffer.
     let r = unsafe {
-        libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     };
     assert_eq!(r, 0, "setxattr {}", std::io::Error::last_os_error());
 }
@@ -134,8 +140,11 @@ fn populate(root: &Path) {
     let f = fs::File::create(root.join("sparse")).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(b"tail", 1 << 20).unwrap();
-    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644))
-        .unwrap();
+    nix::unistd::mkfifo(
+        &root.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
 }
 
 fn same(r: &Rig) {
@@ -155,7 +164,10 @@ fn an_empty_mirror_receives_everything() {
     assert!(rep.data_bytes < 300_000 + 4 + 4 + 3 + 65536, "{rep:?}");
     // A second run finds nothing to do.
     let (rep, _) = run_sync(&r, &Excludes::default(), &[b""]);
-    assert_eq!((rep.created, rep.removed, rep.data_bytes, rep.delta_files), (0, 0, 0, 0));
+    assert_eq!(
+        (rep.created, rep.removed, rep.data_bytes, rep.delta_files),
+        (0, 0, 0, 0)
+    );
     assert_eq!(rep.ops, 0, "{rep:?}");
 }
 
@@ -170,7 +182,10 @@ fn a_mirror_holding_most_of_the_data_gets_only_the_differences() {
     // Change 10 bytes in the middle of big, shrink a file, replace a file by
     // a directory, add junk on the mirror.
     use std::os::unix::fs::FileExt;
-    let f = fs::OpenOptions::new().write(true).open(r.src.join("big")).unwrap();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(r.src.join("big"))
+        .unwrap();
     f.write_all_at(b"0123456789", 2_000_000).unwrap();
     fs::write(r.src.join("a/f1"), vec![7u8; 1000]).unwrap();
     fs::remove_file(r.src.join("empty")).unwrap();
@@ -214,7 +229,10 @@ fn a_partial_repair_creates_missing_ancestors_and_leaves_the_rest() {
     fs::write(r.dst.join("unrelated"), b"u").unwrap();
     let (rep, _) = run_sync(&r, &Excludes::default(), &[b"a/b/c/deep", b"a/b"]);
     assert_eq!(fs::read(r.dst.join("a/b/c/deep")).unwrap(), b"deep");
-    assert!(r.dst.join("unrelated").exists(), "outside the repaired paths");
+    assert!(
+        r.dst.join("unrelated").exists(),
+        "outside the repaired paths"
+    );
     assert!(!r.dst.join("a/f1").exists(), "not below a repaired path");
     assert_eq!(rep.removed, 0);
     // A path gone from the source disappears from the mirror.
@@ -258,7 +276,15 @@ fn verify_finds_nothing_on_a_synced_pair_and_names_damage() {
 
 #[test]
 fn collapse_keeps_the_outermost_paths() {
-    let v = collapse(vec![b"a/b".to_vec(), b"a".to_vec(), b"c".to_vec(), b"a.x".to_vec()]);
+    let v = collapse(vec![
+        b"a/b".to_vec(),
+        b"a".to_vec(),
+        b"c".to_vec(),
+        b"a.x".to_vec(),
+    ]);
     assert_eq!(v, vec![b"a".to_vec(), b"a.x".to_vec(), b"c".to_vec()]);
-    assert_eq!(collapse(vec![b"x".to_vec(), Vec::new()]), vec![Vec::<u8>::new()]);
+    assert_eq!(
+        collapse(vec![b"x".to_vec(), Vec::new()]),
+        vec![Vec::<u8>::new()]
+    );
 }

@@ -74,7 +74,11 @@ pub fn compare(
                 break;
             }
             let m = spool.next()?.expect("peeked");
-            diffs.push(diff(&m.path, "extra", format!("{} only on the mirror", m.kind.name())));
+            diffs.push(diff(
+                &m.path,
+                "extra",
+                format!("{} only on the mirror", m.kind.name()),
+            ));
         }
         match spool.peek()? {
             Some(m) if m.path == s.path => {
@@ -90,7 +94,11 @@ pub fn compare(
         Ok(())
     })?;
     while let Some(m) = spool.next()? {
-        diffs.push(diff(&m.path, "extra", format!("{} only on the mirror", m.kind.name())));
+        diffs.push(diff(
+            &m.path,
+            "extra",
+            format!("{} only on the mirror", m.kind.name()),
+        ));
     }
     Ok((n, diffs))
 }
@@ -105,7 +113,11 @@ fn diff(path: &[u8], what: &'static str, detail: String) -> Difference {
 
 fn compare_entry(s: &Entry, m: &Entry, out: &mut Vec<Difference>) {
     if s.kind != m.kind {
-        let d = format!("{} on the source, {} on the mirror", s.kind.name(), m.kind.name());
+        let d = format!(
+            "{} on the source, {} on the mirror",
+            s.kind.name(),
+            m.kind.name()
+        );
         return out.push(diff(&s.path, "type", d));
     }
     if s.kind == Kind::Symlink && s.target != m.target {
@@ -124,12 +136,20 @@ fn compare_entry(s: &Entry, m: &Entry, out: &mut Vec<Difference>) {
             let d = format!("{} bytes on the source, {} on the mirror", s.size, m.size);
             out.push(diff(&s.path, "content", d));
         } else if s.hash != m.hash {
-            out.push(diff(&s.path, "content", "same size, different bytes".into()));
+            out.push(diff(
+                &s.path,
+                "content",
+                "same size, different bytes".into(),
+            ));
         }
     }
     let mut fields = Vec::new();
     if s.kind != Kind::Symlink && s.mode & 0o7777 != m.mode & 0o7777 {
-        fields.push(format!("mode {:o} vs {:o}", s.mode & 0o7777, m.mode & 0o7777));
+        fields.push(format!(
+            "mode {:o} vs {:o}",
+            s.mode & 0o7777,
+            m.mode & 0o7777
+        ));
     }
     if (s.uid, s.gid) != (m.uid, m.gid) {
         fields.push(format!("owner {}:{} vs {}:{}", s.uid, s.gid, m.uid, m.gid));
@@ -200,7 +220,10 @@ pub fn run(
             if ready.source.is_empty() {
                 "was never paired with a source".to_string()
             } else {
-                format!("belongs to source {}, not this one ({source_id})", ready.source)
+                format!(
+                    "belongs to source {}, not this one ({source_id})",
+                    ready.source
+                )
             }
         );
     }
@@ -272,7 +295,10 @@ pub fn render(r: &VerifyReport) -> String {
         out.push_str(&format!("  {:<9} {}: {}\n", d.what, d.path, d.detail));
     }
     for d in &r.in_flight {
-        out.push_str(&format!("  in flight {}: {} ({})\n", d.path, d.what, d.detail));
+        out.push_str(&format!(
+            "  in flight {}: {} ({})\n",
+            d.path, d.what, d.detail
+        ));
     }
     if r.resync_pending > 0 {
         out.push_str(&format!(

@@ -45,8 +45,12 @@ impl Core {
         let _ns = self.ns.read();
         let node = self.node(ino)?;
         let _d = node.data.lock();
-        let path = node.path();
-        let _m = self.mark(&[path.as_deref()]);
+        // A node known only by excluded names: changed, not logged.
+        let (path, logged) = match self.target(&node) {
+            Target::Log(path) => (path, true),
+            Target::Skip => (None, false),
+        };
+        let _m = logged.then(|| self.mark(&[path.as_deref()]));
         let handle = a.fh.and_then(|fh| self.handle(fh).ok());
         let mut last = 0;
         if let Some(size) = a.size {
@@ -58,11 +62,13 @@ impl Core {
                 }
             }
             let st = sys::fstat(node.raw())?;
-            last = self.log_node(&node, path.clone(), &st, |path| Op::Truncate {
-                path,
-                size,
-                attr: attr_of(&st),
-            })?;
+            if logged {
+                last = self.log_node(&node, path.clone(), &st, |path| Op::Truncate {
+                    path,
+                    size,
+                    attr: attr_of(&st),
+                })?;
+            }
         }
         if a.mode.is_some()
             || a.uid.is_some()
@@ -73,11 +79,13 @@ impl Core {
             self.set_meta(&node, a)?;
             let st = sys::fstat(node.raw())?;
             let atime = a.atime.map(|_| ts(st.st_atime, st.st_atime_nsec));
-            last = self.log_node(&node, path, &st, |path| Op::SetAttr {
-                path,
-                attr: attr_of(&st),
-                atime,
-            })?;
+            if logged {
+                last = self.log_node(&node, path, &st, |path| Op::SetAttr {
+                    path,
+                    attr: attr_of(&st),
+                    atime,
+                })?;
+            }
         }
         let st = sys::fstat(node.raw())?;
         drop((_m, _d, _ns));

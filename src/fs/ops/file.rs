@@ -62,11 +62,13 @@ impl Core {
                     if flags & libc::O_TRUNC != 0 {
                         sys::ftruncate(fd.as_raw_fd(), 0)?;
                         let st = sys::fstat(fd.as_raw_fd())?;
-                        lsn = self.log_node(&node, Some(path), &st, |path| Op::Truncate {
-                            path,
-                            size: 0,
-                            attr: attr_of(&st),
-                        })?;
+                        if let Target::Log(path) = self.target(&node) {
+                            lsn = self.log_node(&node, path, &st, |path| Op::Truncate {
+                                path,
+                                size: 0,
+                                attr: attr_of(&st),
+                            })?;
+                        }
                     }
                     let st = sys::fstat(fd.as_raw_fd())?;
                     (fd, lsn, node, st)
@@ -175,10 +177,17 @@ impl Core {
             (ho.node.data.lock(), Some(b))
         };
         let len = len.min(1 << 30);
-        let path = ho.node.path();
+        let Target::Log(path) = self.target(&ho.node) else {
+            let n =
+                sys::copy_file_range(hi.fd.as_raw_fd(), off_in, ho.fd.as_raw_fd(), off_out, len)?;
+            return Ok(n as u32);
+        };
         let m = self.mark(&[path.as_deref()]);
         let n = sys::copy_file_range(hi.fd.as_raw_fd(), off_in, ho.fd.as_raw_fd(), off_out, len)?;
-        let fd = ho.fd.as_raw_fd();
+        // The destination may be open write-only: read it back through a
+        // descriptor of its own.
+        let reader = sys::reopen(ho.node.raw(), libc::O_RDONLY)?;
+        let fd = reader.as_raw_fd();
         let st = sys::fstat(fd)?;
         let mut lsn = 0;
         let mut done = 0usize;

@@ -24,6 +24,7 @@ use super::inflight::{Inflight, Mark};
 use super::inodes::{Inode, InodeTable, ROOT_INO};
 use super::sys::{self, cname};
 use crate::config::Config;
+use crate::exclude::Excludes;
 use crate::wal::{Attr, NodeKind, Op, Ts, Wal};
 
 /// Who asked: the request's credentials.
@@ -48,6 +49,8 @@ pub struct Core {
     ns: RwLock<()>,
     pub wal: Wal,
     inflight: Inflight,
+    /// Paths served but never logged (`crate::exclude`; see `excluded.rs`).
+    pub excludes: Excludes,
     /// Test failpoint (env `REPLFS_FAILPOINT=crash-before-log:PATH`): abort
     /// after changing PATH in BACKING, before its record is appended.
     crash_before_log: Option<Vec<u8>>,
@@ -91,7 +94,7 @@ impl Core {
         backing: &std::path::Path,
         wal: Wal,
         inflight: Inflight,
-        _cfg: &Config,
+        cfg: &Config,
     ) -> anyhow::Result<Core> {
         use anyhow::Context;
         let c =
@@ -107,6 +110,7 @@ impl Core {
             ns: RwLock::new(()),
             wal,
             inflight,
+            excludes: Excludes::new(&cfg.exclude)?,
             crash_before_log: std::env::var_os("REPLFS_FAILPOINT").and_then(|v| {
                 use std::os::unix::ffi::OsStrExt;
                 v.as_bytes()
@@ -202,22 +206,37 @@ impl Core {
     /// ordered by the shared namespace lock and the inode's data lock, marked
     /// in flight, applied (`apply` returns the inode's stat afterwards), then
     /// logged with the metadata it left; durability is awaited after unlocking.
+    /// A node known only by excluded names is changed without any of that
+    /// bookkeeping: it is not logged, so it needs no room in the WAL either
+    /// (looked at unlocked first, confirmed under the locks).
     fn change<'a>(
         &self,
         node: &Inode,
         apply: impl FnOnce() -> Res<libc::stat>,
         record: impl FnOnce(Vec<u8>, &libc::stat) -> Op<'a>,
     ) -> Res<libc::stat> {
-        self.admit()?;
-        let ns = self.ns.read();
-        let d = node.data.lock();
-        let path = node.path();
-        let m = self.mark(&[path.as_deref()]);
-        let st = apply()?;
-        let lsn = self.log_node(node, path, &st, |p| record(p, &st))?;
-        drop((m, d, ns));
-        self.commit(lsn)?;
-        Ok(st)
+        let mut admitted = false;
+        loop {
+            if !admitted && (self.excludes.is_empty() || self.target(node).logged()) {
+                self.admit()?;
+                admitted = true;
+            }
+            let ns = self.ns.read();
+            let d = node.data.lock();
+            match self.target(node) {
+                Target::Skip => return apply(),
+                Target::Log(path) if admitted => {
+                    let m = self.mark(&[path.as_deref()]);
+                    let st = apply()?;
+                    let lsn = self.log_node(node, path, &st, |p| record(p, &st))?;
+                    drop((m, d, ns));
+                    self.commit(lsn)?;
+                    return Ok(st);
+                }
+                // Renamed out of an excluded area since the unlocked look.
+                Target::Log(_) => drop((d, ns)),
+            }
+        }
     }
 
     /// Logs a data/attribute change of `node` at `path` (computed before the
@@ -298,8 +317,10 @@ impl Core {
 
 mod attr;
 mod dir;
+mod excluded;
 mod file;
 mod namespace;
 mod xattr;
 
 pub use attr::{SetAttr, TimeSet};
+use excluded::Target;

@@ -39,6 +39,9 @@ impl Core {
         rdev: u64,
     ) -> Res<(Arc<Inode>, libc::stat, u64)> {
         let (node, st) = self.lookup_locked(parent.ino, name)?;
+        if self.excludes.is_excluded(&path) {
+            return Ok((node, st, self.dir_changed(parent)?));
+        }
         let pst = sys::fstat(parent.raw())?;
         let op = Op::Create {
             path,
@@ -137,6 +140,12 @@ impl Core {
         sys::symlinkat(&cname(target)?, p.raw(), &c)?;
         self.own(&pst, &p, &c, who, libc::S_IFLNK)?;
         let (node, st) = self.lookup_locked(p.ino, name)?;
+        if self.excludes.is_excluded(&path) {
+            let lsn = self.dir_changed(&p)?;
+            drop((m, ns));
+            self.commit(lsn)?;
+            return Ok((node, st));
+        }
         let pst = sys::fstat(p.raw())?;
         let op = Op::Symlink {
             path,
@@ -156,7 +165,9 @@ impl Core {
         let node = self.node(ino)?;
         let np = self.node(newparent)?;
         let c = cname(newname)?;
-        let existing = node.path();
+        // Before the new name is known: a link from a name that is the
+        // only one known and excluded recreates the file at the new name.
+        let existing = self.target(&node);
         let path = Self::child_path(&np, newname)?;
         let m = self.mark(&[Some(&path)]);
         sys::linkat(
@@ -168,18 +179,34 @@ impl Core {
         )?;
         let (node, st) = self.lookup_locked(np.ino, newname)?;
         let pst = sys::fstat(np.raw())?;
+        let excluded = self.excludes.is_excluded(&path);
         let op = match existing {
-            Some(existing) => Op::Link {
+            _ if excluded => None,
+            Target::Log(Some(existing)) => Some(Op::Link {
                 existing,
                 path,
                 parent_mtime: mtime_of(&pst),
-            },
-            None => Op::Resync {
+            }),
+            Target::Log(None) => Some(Op::Resync {
                 path,
                 reason: "hard link to an inode with no known path".into(),
-            },
+            }),
+            Target::Skip => {
+                let pm = mtime_of(&pst);
+                let lsn = self.with_scope(&[(&path, None)], |cx| {
+                    self.log_many(&[&path], |emit| {
+                        crate::fs::materialize::materialize(np.raw(), &c, &path, pm, cx, emit)
+                    })
+                })?;
+                node.note_lsn(lsn);
+                None
+            }
         };
-        let lsn = self.log(Some(&node), op)?;
+        let lsn = match op {
+            Some(op) => self.log(Some(&node), op)?,
+            None if excluded => self.dir_changed(&np)?,
+            None => node.last_lsn.load(Ordering::Acquire),
+        };
         drop((m, ns));
         self.commit(lsn)?;
         Ok((node, st))
@@ -197,15 +224,17 @@ impl Core {
         if let Some(n) = self.inodes.by_key((st.st_dev, st.st_ino)) {
             n.remove_link(&p, name);
         }
-        let pst = sys::fstat(p.raw())?;
-        let lsn = self.log(
-            Some(&p),
-            Op::Remove {
+        let lsn = if self.excludes.is_excluded(&path) {
+            self.dir_changed(&p)?
+        } else {
+            let pst = sys::fstat(p.raw())?;
+            let op = Op::Remove {
                 path,
                 dir,
                 parent_mtime: mtime_of(&pst),
-            },
-        )?;
+            };
+            self.log(Some(&p), op)?
+        };
         drop((m, ns));
         self.commit(lsn)
     }
@@ -230,15 +259,33 @@ impl Core {
         sys::renameat2(p.raw(), &c, np.raw(), &nc, flags)?;
         self.rename_links((&p, name), (&np, newname), &src, dst.as_ref(), flags);
         let (pst, npst) = (sys::fstat(p.raw())?, sys::fstat(np.raw())?);
-        let op = Op::Rename {
-            from,
-            to,
-            flags,
-            from_parent_mtime: mtime_of(&pst),
-            to_parent_mtime: mtime_of(&npst),
+        let lsn = if self.excludes.is_empty() {
+            let op = Op::Rename {
+                from,
+                to,
+                flags,
+                from_parent_mtime: mtime_of(&pst),
+                to_parent_mtime: mtime_of(&npst),
+            };
+            self.log(None, op)?
+        } else {
+            self.log_rename(&excluded::Renamed {
+                from: (&p, &c, from),
+                to: (&np, &nc, to),
+                flags,
+                src,
+                dst,
+                mtimes: (mtime_of(&pst), mtime_of(&npst)),
+            })?
         };
-        let lsn = self.log(Some(&p), op)?;
+        p.note_lsn(lsn);
         np.note_lsn(lsn);
+        // fsync of a file whose content was logged anew waits for it too.
+        for st in std::iter::once(&src).chain(dst.as_ref()) {
+            if let Some(n) = self.inodes.by_key((st.st_dev, st.st_ino)) {
+                n.note_lsn(lsn);
+            }
+        }
         drop((m, ns));
         self.commit(lsn)
     }
