@@ -335,7 +335,6 @@ impl Ctx {
             "volume {}: baseline to mirror {} starts at LSN {l0}: {why}",
             self.target.volume, self.target.addr
         );
-        let rows = cat.resync_list()?;
         peer.send(&Msg::SyncBegin {
             lsn: l0,
             source: source_id.to_owned(),
@@ -348,20 +347,17 @@ impl Ctx {
             ),
         }
         self.acked(l0);
-        self.run_sync(
-            peer,
-            cat,
-            &root,
-            &[Vec::new()],
-            l0,
-            rows.last().map(|r| r.id),
-        )?;
+        // Paths already waiting for a repair stay listed: the baseline takes
+        // size and mtime on trust, the repair that follows does not.
+        self.run_sync(peer, cat, &root, &[Vec::new()], l0, None, false)?;
         self.stats.sync.baselines.fetch_add(1, Ordering::Relaxed);
         Ok(l0)
     }
 
     /// Repairs the paths the catalog lists as needing resync (the mirror's
-    /// position is good: nothing is in flight).
+    /// position is good: nothing is in flight). Thorough: a file there may
+    /// carry the source's size and mtime with other bytes (a record replayed
+    /// on a fuzzy copy, a change that was not logged).
     fn repair(&self, peer: &mut LinkPeer<'_>, cat: &Catalog) -> Result<()> {
         let rows = cat.resync_list()?;
         let Some(last) = rows.last().map(|r| r.id) else {
@@ -388,12 +384,13 @@ impl Ctx {
             if paths.len() > 5 { ", ..." } else { "" }
         );
         let from = self.stats.acked_lsn.load(Ordering::Acquire);
-        self.run_sync(peer, cat, &root, &paths, from, Some(last))?;
+        self.run_sync(peer, cat, &root, &paths, from, Some(last), true)?;
         self.stats.sync.repairs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Runs a sync of `paths`, then records every path a record after
+    /// Runs a sync of `paths` (`thorough`: files compared by checksums even
+    /// when size and mtime match), then records every path a record after
     /// `from` touched as needing repair (the copy was fuzzy for them; see
     /// `crate::sync`), and drops the catalog rows up to `clear`.
     fn run_sync(
@@ -404,17 +401,21 @@ impl Ctx {
         paths: &[Vec<u8>],
         from: Lsn,
         clear: Option<i64>,
+        thorough: bool,
     ) -> Result<()> {
         let args = SyncArgs {
             root: root.as_fd(),
             excludes: &self.excludes,
             spool_dir: &self.state,
             progress: &self.stats.sync,
+            thorough,
         };
         let token = crate::wal::segment::new_salt();
         let horizon = || self.wal.head_lsn();
         let started = Instant::now();
+        let sent_before = self.stats.sync.bytes_sent.load(Ordering::Relaxed);
         let (report, until) = delta::sync(peer, &args, paths, token, &horizon)?;
+        let sent = self.stats.sync.bytes_sent.load(Ordering::Relaxed) - sent_before;
         let touched = touched_paths(&self.state, from, until)?;
         for p in &touched {
             cat.add_resync(p, "changed while the mirror was being synced", until)?;
@@ -435,7 +436,7 @@ impl Ctx {
             report.delta_files,
             report.blocks_sent,
             crate::sync::fmt_bytes(report.data_bytes as f64),
-            crate::sync::fmt_bytes(self.stats.sync.bytes_sent.load(Ordering::Relaxed) as f64),
+            crate::sync::fmt_bytes(sent as f64),
             touched.len()
         );
         Ok(())

@@ -42,6 +42,10 @@ pub struct SyncArgs<'a> {
     /// Where the mirror's manifest is spooled (the state dir).
     pub spool_dir: &'a Path,
     pub progress: &'a Progress,
+    /// Compare every regular file by block checksums, even when size and
+    /// mtime match (repairs: a replayed record may have given a file the
+    /// source's mtime while its bytes differ).
+    pub thorough: bool,
 }
 
 /// What a sync did.
@@ -468,11 +472,12 @@ impl Merger<'_, '_> {
     fn update(&mut self, s: &Entry, m: &Entry) -> Result<bool> {
         let mut meta = attr_differs(s, m);
         let mut attr = s.attr();
-        if s.kind == Kind::File && (s.size != m.size || s.mtime != m.mtime) {
-            if !self.delta(s, m)? {
+        if s.kind == Kind::File && (self.a.thorough || s.size != m.size || s.mtime != m.mtime) {
+            let (sent, consistent) = self.delta(s, m)?;
+            if !consistent {
                 attr = poisoned(attr);
             }
-            meta = true;
+            meta |= sent || !consistent;
         }
         if s.xattrs != m.xattrs {
             self.set_xattrs(s, &m.xattrs)?;
@@ -518,8 +523,9 @@ impl Merger<'_, '_> {
     }
 
     /// Sends only the blocks of `s` that differ from the mirror's copy.
-    /// False when the file changed or vanished while it was read.
-    fn delta(&mut self, s: &Entry, m: &Entry) -> Result<bool> {
+    /// Returns whether anything was sent, and false second when the file
+    /// changed or vanished while it was read.
+    fn delta(&mut self, s: &Entry, m: &Entry) -> Result<(bool, bool)> {
         self.flush()?;
         let block = serve::block_for(s.size.max(m.size));
         self.peer.send(&Msg::SumsReq {
@@ -541,8 +547,8 @@ impl Merger<'_, '_> {
                 crate::apply::display_path(&s.path)
             );
         }
-        self.report.delta_files += 1;
         let attr = s.attr();
+        let blocks_before = self.report.blocks_sent;
         if size != Some(s.size) {
             self.push(Op::Truncate {
                 path: s.path.clone(),
@@ -551,7 +557,7 @@ impl Merger<'_, '_> {
             })?;
         }
         let Some(fd) = manifest::open_file_beneath(self.a.root, &s.path)? else {
-            return Ok(false);
+            return Ok((true, false));
         };
         let mut buf = vec![0u8; block as usize];
         let mut off = 0u64;
@@ -582,7 +588,11 @@ impl Merger<'_, '_> {
             off += n as u64;
             i += 1;
         }
-        Ok(unchanged(&fd, s))
+        let sent = size != Some(s.size) || self.report.blocks_sent > blocks_before;
+        if sent {
+            self.report.delta_files += 1;
+        }
+        Ok((sent, unchanged(&fd, s)))
     }
 }
 

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::fs;
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 
 use super::delta::{Report, SyncArgs, sync};
@@ -92,6 +92,10 @@ fn rig() -> Rig {
 }
 
 fn run_sync(r: &Rig, ex: &Excludes, paths: &[&[u8]]) -> (Report, u64) {
+    run_sync_with(r, ex, paths, false)
+}
+
+fn run_sync_with(r: &Rig, ex: &Excludes, paths: &[&[u8]], thorough: bool) -> (Report, u64) {
     let root = manifest::open_root(&r.src).unwrap();
     let progress = Progress::default();
     let args = SyncArgs {
@@ -99,6 +103,7 @@ fn run_sync(r: &Rig, ex: &Excludes, paths: &[&[u8]]) -> (Report, u64) {
         excludes: ex,
         spool_dir: &r.state,
         progress: &progress,
+        thorough,
     };
     let mut peer = LocalMirror::new(&r.dst);
     let paths: Vec<Vec<u8>> = paths.iter().map(|p| p.to_vec()).collect();
@@ -181,7 +186,6 @@ fn a_mirror_holding_most_of_the_data_gets_only_the_differences() {
     same(&r);
     // Change 10 bytes in the middle of big, shrink a file, replace a file by
     // a directory, add junk on the mirror.
-    use std::os::unix::fs::FileExt;
     let f = fs::OpenOptions::new()
         .write(true)
         .open(r.src.join("big"))
@@ -272,6 +276,27 @@ fn verify_finds_nothing_on_a_synced_pair_and_names_damage() {
     assert!(got.contains(&("content", "a/b/c/deep")), "{d:#?}");
     assert!(got.contains(&("extra", "extra")), "{d:#?}");
     assert!(got.contains(&("missing", "a.txt")), "{d:#?}");
+}
+
+#[test]
+fn a_thorough_repair_finds_bytes_that_size_and_mtime_hide() {
+    let r = rig();
+    populate(&r.src);
+    run_sync(&r, &Excludes::default(), &[b""]);
+    let p = r.dst.join("a/f1");
+    let mtime = fs::metadata(&p).unwrap().modified().unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .write_all_at(b"zz", 5000)
+        .unwrap();
+    fs::File::options().write(true).open(&p).unwrap().set_modified(mtime).unwrap();
+    let (rep, _) = run_sync(&r, &Excludes::default(), &[b"a"]);
+    assert_eq!(rep.delta_files, 0, "a quick check cannot see it");
+    let (rep, _) = run_sync_with(&r, &Excludes::default(), &[b"a"], true);
+    assert_eq!((rep.delta_files, rep.blocks_sent), (1, 1), "{rep:?}");
+    same(&r);
 }
 
 #[test]
