@@ -87,7 +87,11 @@ impl Pair {
 
 fn status(state: &Path) -> serde_json::Value {
     let out = replfs(&["status", "--json", "--state", state.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

@@ -122,11 +122,58 @@ fn fmt_time(secs: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// Shows a sync's progress: a line rewritten every second on a terminal
+/// (foreground runs), and a log line every 10 s (journal, log file).
+struct ProgressReport {
+    tty: bool,
+    last_log: Option<Instant>,
+    active: bool,
+}
+
+impl ProgressReport {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        ProgressReport {
+            tty: std::io::stderr().is_terminal(),
+            last_log: None,
+            active: false,
+        }
+    }
+
+    fn show(&mut self, volume: &str, v: Option<&crate::sync::ProgressView>) {
+        let running = v.filter(|v| v.phase != "idle");
+        match running {
+            Some(v) => {
+                if self.tty {
+                    eprint!("\r\x1b[2K{}", v.line());
+                }
+                if self
+                    .last_log
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                {
+                    self.last_log = Some(Instant::now());
+                    log::info!("volume {volume}: {}", v.line());
+                }
+                self.active = true;
+            }
+            None if self.active => {
+                if self.tty {
+                    eprintln!();
+                }
+                self.active = false;
+                self.last_log = None;
+            }
+            None => {}
+        }
+    }
+}
+
 impl Shared {
     fn run(&self, catalog: Catalog) {
         let mut probe = BacklogProbe::new(&self.m.state);
         let mut samples = Samples(VecDeque::new());
         let mut exceeded = false;
+        let mut progress = ProgressReport::new();
         loop {
             let stopping = self.stop.load(Ordering::Acquire);
             let wire = self
@@ -138,6 +185,7 @@ impl Shared {
             match self.refresh(&mut probe, &samples, &catalog) {
                 Ok(st) => {
                     self.watch_rpo(&st, &mut exceeded);
+                    progress.show(&self.m.volume, st.sync.as_ref());
                     self.persist(&catalog, &st);
                     *self.snapshot.lock() = st;
                 }

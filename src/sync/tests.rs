@@ -291,7 +291,12 @@ fn a_thorough_repair_finds_bytes_that_size_and_mtime_hide() {
         .unwrap()
         .write_all_at(b"zz", 5000)
         .unwrap();
-    fs::File::options().write(true).open(&p).unwrap().set_modified(mtime).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
     let (rep, _) = run_sync(&r, &Excludes::default(), &[b"a"]);
     assert_eq!(rep.delta_files, 0, "a quick check cannot see it");
     let (rep, _) = run_sync_with(&r, &Excludes::default(), &[b"a"], true);
