@@ -444,3 +444,135 @@ fn connections_over_the_cap_are_refused() {
     }
     m.shutdown().unwrap();
 }
+
+/// Reads replies until the mirror's answer that is not a Pong.
+fn reply(s: &mut TcpStream) -> Msg {
+    loop {
+        match proto::read_msg(s).unwrap() {
+            Msg::Pong => continue,
+            m => return m,
+        }
+    }
+}
+
+#[test]
+fn sync_requests_never_reach_outside_the_replica() {
+    let rig = Rig::new();
+    let m = rig.spawn();
+    fs::write(rig.dir.join("inside"), b"inside").unwrap();
+    std::os::unix::fs::symlink(&rig.outside, rig.dir.join("link")).unwrap();
+    std::os::unix::fs::symlink(rig.outside.join("canary"), rig.dir.join("flink")).unwrap();
+    // Listing a path through a planted symlink lists nothing beyond it.
+    let (mut s, _) = connect(m.local_addr(), KEY).unwrap();
+    for path in ["link", "link/canary", "flink"] {
+        proto::write_msg(
+            &mut s,
+            &Msg::ManifestReq {
+                path: p(path),
+                hashes: true,
+            },
+        )
+        .unwrap();
+        let Msg::Manifest { last, entries } = reply(&mut s) else {
+            panic!("expected a Manifest")
+        };
+        assert!(last);
+        let listed = replfs::sync::manifest::decode_entries(&entries).unwrap();
+        let names: Vec<String> = listed
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| n.is_empty() || n == "link" || n == "flink"),
+            "{path}: {names:?}"
+        );
+        assert!(
+            listed.iter().all(|e| e.hash.is_none()),
+            "no file content outside"
+        );
+    }
+    // Checksums of a file through a symlink: "not a regular file here".
+    for path in ["flink", "link/canary"] {
+        proto::write_msg(
+            &mut s,
+            &Msg::SumsReq {
+                path: p(path),
+                block: 4096,
+            },
+        )
+        .unwrap();
+        match reply(&mut s) {
+            Msg::Sums { size, sums, .. } => assert!(size.is_none() && sums.is_empty(), "{path}"),
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+    // Sync ops through the symlink are refused like records.
+    let op = Op::Write {
+        path: p("link/canary"),
+        offset: 0,
+        data: b"PWNED!".to_vec().into(),
+        attr: attr(0o100644, 5),
+    };
+    let ops = Msg::SyncOps(Batch {
+        records: vec![Record {
+            lsn: 0,
+            time_ns: 0,
+            op,
+        }],
+    });
+    proto::write_msg(&mut s, &ops).unwrap();
+    let msg = expect_closed(&mut s).unwrap_or_default();
+    assert!(msg.contains("sync"), "{msg}");
+    // An escaping path in a request is a malformed frame.
+    let (mut s, _) = connect(m.local_addr(), KEY).unwrap();
+    let mut f = vec![0u8, 0, 0, 0, proto::frame_type::MANIFEST_REQ, 0];
+    f.extend_from_slice(&(9u16).to_le_bytes());
+    f.extend_from_slice(b"../outside"[..9].as_ref());
+    let len = (f.len() - 5) as u32;
+    f[..4].copy_from_slice(&len.to_le_bytes());
+    s.write_all(&f).unwrap();
+    let msg = expect_closed(&mut s).unwrap_or_default();
+    assert!(msg.contains("bad frame"), "{msg}");
+    rig.assert_outside_untouched();
+    m.shutdown().unwrap();
+}
+
+#[test]
+fn a_verifier_may_list_but_not_apply() {
+    let rig = Rig::new();
+    let m = rig.spawn();
+    fs::write(rig.dir.join("f"), b"data").unwrap();
+    // A shipper holds the volume; a verifier still gets in.
+    let (_shipper, _) = connect(m.local_addr(), KEY).unwrap();
+    let mut s = TcpStream::connect(m.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let ready =
+        proto::client_handshake_as(&mut s, VOL, &Key::from_bytes(KEY), proto::Role::Verifier)
+            .unwrap();
+    assert_eq!(ready.applied, 0);
+    proto::write_msg(
+        &mut s,
+        &Msg::ManifestReq {
+            path: Vec::new(),
+            hashes: true,
+        },
+    )
+    .unwrap();
+    let Msg::Manifest { entries, .. } = reply(&mut s) else {
+        panic!("expected a Manifest")
+    };
+    let listed = replfs::sync::manifest::decode_entries(&entries).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1].hash, Some(*blake3::hash(b"data").as_bytes()));
+    proto::write_msg(&mut s, &good_batch()).unwrap();
+    let msg = expect_closed(&mut s).unwrap_or_default();
+    assert!(msg.contains("verifier"), "{msg}");
+    assert_eq!(
+        fs::read_dir(&rig.dir).unwrap().count(),
+        1,
+        "nothing applied"
+    );
+    m.shutdown().unwrap();
+}
