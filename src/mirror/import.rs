@@ -82,6 +82,14 @@ pub fn import(dir: &Path, state: &Path, volume: Option<&str>, file: &Path) -> Re
     let vol =
         Volume::open(&id, dir, state, &db).with_context(|| format!("cannot open volume {id}"))?;
     let before = vol.applied();
+    let source = vol.ready().source;
+    if !source.is_empty() && source != header.volume_id {
+        bail!(
+            "the export holds the log of source {} but the mirror's copy of volume {id} \
+             belongs to source {source}: nothing was applied",
+            header.volume_id
+        );
+    }
     let mut report = ImportReport {
         volume: id.clone(),
         before,

@@ -36,6 +36,7 @@ pub struct ExportHeader {
     pub version: u16,
     /// Protocol version of the batch frames.
     pub proto_version: u16,
+    /// The id of the source whose log this is (`Catalog::source_id`).
     pub volume_id: String,
     pub first_lsn: Lsn,
     pub last_lsn: Lsn,
@@ -195,9 +196,11 @@ pub fn export(
             "nothing to export: --from {first} is past the last record to export (LSN {last}, head {head})"
         );
     }
+    // The source's identity: an import into a mirror copy that belongs to
+    // another source is refused.
     let volume_id = crate::catalog::Catalog::open(state)
-        .and_then(|c| c.volume_id())
-        .unwrap_or_else(|_| crate::mirror::DEFAULT_VOLUME.to_string());
+        .and_then(|c| c.source_id())
+        .context("cannot read the source id from the catalog")?;
     let header = ExportHeader {
         version: EXPORT_VERSION,
         proto_version: proto::PROTO_VERSION,
