@@ -349,7 +349,14 @@ impl Ctx {
         self.acked(l0);
         // Paths already waiting for a repair stay listed: the baseline takes
         // size and mtime on trust, the repair that follows does not.
-        self.run_sync(peer, cat, &root, &[Vec::new()], l0, None, false)?;
+        let job = SyncJob {
+            root: &root,
+            paths: &[Vec::new()],
+            from: l0,
+            clear: None,
+            thorough: false,
+        };
+        self.run_sync(peer, cat, job)?;
         self.stats.sync.baselines.fetch_add(1, Ordering::Relaxed);
         Ok(l0)
     }
@@ -384,7 +391,14 @@ impl Ctx {
             if paths.len() > 5 { ", ..." } else { "" }
         );
         let from = self.stats.acked_lsn.load(Ordering::Acquire);
-        self.run_sync(peer, cat, &root, &paths, from, Some(last), true)?;
+        let job = SyncJob {
+            root: &root,
+            paths: &paths,
+            from,
+            clear: Some(last),
+            thorough: true,
+        };
+        self.run_sync(peer, cat, job)?;
         self.stats.sync.repairs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -393,16 +407,14 @@ impl Ctx {
     /// when size and mtime match), then records every path a record after
     /// `from` touched as needing repair (the copy was fuzzy for them; see
     /// `crate::sync`), and drops the catalog rows up to `clear`.
-    fn run_sync(
-        &self,
-        peer: &mut LinkPeer<'_>,
-        cat: &Catalog,
-        root: &OwnedFd,
-        paths: &[Vec<u8>],
-        from: Lsn,
-        clear: Option<i64>,
-        thorough: bool,
-    ) -> Result<()> {
+    fn run_sync(&self, peer: &mut LinkPeer<'_>, cat: &Catalog, job: SyncJob<'_>) -> Result<()> {
+        let SyncJob {
+            root,
+            paths,
+            from,
+            clear,
+            thorough,
+        } = job;
         let args = SyncArgs {
             root: root.as_fd(),
             excludes: &self.excludes,
@@ -654,6 +666,18 @@ fn record_size(op: &crate::wal::Op<'_>) -> u64 {
         _ => 0,
     };
     (op.data_len() as usize + paths + extra + 128) as u64
+}
+
+/// One sync a shipper runs: `paths` below `root` (the backing dir), then
+/// the paths records after `from` touched are recorded for repair and the
+/// catalog's resync rows up to `clear` dropped.
+struct SyncJob<'a> {
+    root: &'a OwnedFd,
+    paths: &'a [Vec<u8>],
+    from: Lsn,
+    clear: Option<i64>,
+    /// Compare files by checksums even when size and mtime match.
+    thorough: bool,
 }
 
 /// Reads the mirror's messages into the channel; an error or a closed

@@ -104,12 +104,10 @@ pub fn sync(
     m.flush()?;
     let horizon = horizon();
     m.peer.send(&Msg::SyncEnd { token, horizon })?;
-    loop {
-        match m.peer.recv()? {
-            Msg::SyncDone { token: t } if t == token => break,
-            Msg::Error { msg } => bail!("the mirror refused the sync: {msg}"),
-            other => bail!("expected SyncDone from the mirror, got {}", other.name()),
-        }
+    match m.peer.recv()? {
+        Msg::SyncDone { token: t } if t == token => {}
+        Msg::Error { msg } => bail!("the mirror refused the sync: {msg}"),
+        other => bail!("expected SyncDone from the mirror, got {}", other.name()),
     }
     p.phase.store(0, Ordering::Relaxed);
     Ok((m.report, horizon))
@@ -193,18 +191,18 @@ impl Merger<'_, '_> {
                 if path_cmp(&m.path, &s.path) != std::cmp::Ordering::Less {
                     break;
                 }
-                let m = spool.next()?.expect("peeked");
+                let m = spool.take()?.expect("peeked");
                 self.extra(m);
             }
             let m = match spool.peek()? {
-                Some(m) if m.path == s.path => spool.next()?,
+                Some(m) if m.path == s.path => spool.take()?,
                 _ => None,
             };
             self.flush_dels()?;
             self.pop_to(Some(&s.path))?;
             self.visit(s, m, spool)
         })?;
-        while let Some(m) = spool.next()? {
+        while let Some(m) = spool.take()? {
             self.extra(m);
         }
         self.flush_dels()?;
@@ -313,7 +311,7 @@ impl Merger<'_, '_> {
                 if !is_within(&n.path, &base) {
                     break;
                 }
-                let n = spool.next()?.expect("peeked");
+                let n = spool.take()?.expect("peeked");
                 self.dels.push(n);
             }
         }

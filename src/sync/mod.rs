@@ -257,7 +257,7 @@ impl Spool {
         Ok(self.buf.front())
     }
 
-    pub fn next(&mut self) -> Result<Option<Entry>> {
+    pub fn take(&mut self) -> Result<Option<Entry>> {
         self.fill()?;
         Ok(self.buf.pop_front())
     }

@@ -73,7 +73,7 @@ pub fn compare(
             if path_cmp(&m.path, &s.path) != std::cmp::Ordering::Less {
                 break;
             }
-            let m = spool.next()?.expect("peeked");
+            let m = spool.take()?.expect("peeked");
             diffs.push(diff(
                 &m.path,
                 "extra",
@@ -82,7 +82,7 @@ pub fn compare(
         }
         match spool.peek()? {
             Some(m) if m.path == s.path => {
-                let m = spool.next()?.expect("peeked");
+                let m = spool.take()?.expect("peeked");
                 compare_entry(&s, &m, &mut diffs);
             }
             _ => diffs.push(diff(
@@ -93,7 +93,7 @@ pub fn compare(
         }
         Ok(())
     })?;
-    while let Some(m) = spool.next()? {
+    while let Some(m) = spool.take()? {
         diffs.push(diff(
             &m.path,
             "extra",
