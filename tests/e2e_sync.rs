@@ -281,3 +281,44 @@ fn coalescing_cuts_the_bytes_sent_for_overwrites() {
     assert!(dropped > 100, "{dropped}");
     assert!(coalesced * 3 < plain, "{coalesced} vs {plain}");
 }
+
+#[test]
+fn paths_the_mirror_doubts_are_repaired_by_checksums() {
+    let p = Pair::new();
+    make_files(&p.rig.backing, 20, 2, 10_000);
+    let m = p.mount(None);
+    p.converge();
+    // The mirror learns (e.g. from an exchange interrupted by its crash)
+    // that d001/f00003 may be wrong; and indeed it is, with the source's
+    // size and mtime, so only a checksum can tell.
+    let mut mirror = p.mirror;
+    mirror.stop();
+    let victim = p.mdir.join("d001/f00003");
+    let mtime = fs::metadata(&victim).unwrap().modified().unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&victim).unwrap();
+    f.write_all_at(b"rotten", 100).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let db = rusqlite::Connection::open(mirror.state.join("mirror.db")).unwrap();
+    db.execute(
+        "INSERT INTO resync (volume, path, reason, lsn, time_ns) VALUES ('default', ?1, 'test', 1, 0)",
+        [b"d001/f00003".to_vec()],
+    )
+    .unwrap();
+    drop(db);
+    mirror.restart();
+    let pair = Pair {
+        rig: p.rig,
+        key: p.key,
+        mdir: p.mdir,
+        mirror,
+    };
+    pair.converge();
+    let db = rusqlite::Connection::open(pair.mirror.state.join("mirror.db")).unwrap();
+    let left: i64 = db
+        .query_row("SELECT COUNT(*) FROM resync", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0, "the mirror's request is dropped once repaired");
+    assert_eq!(settled_status(&pair.rig.state)["sync"]["repairs"], 1);
+    m.unmount();
+}

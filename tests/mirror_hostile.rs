@@ -80,6 +80,11 @@ fn connect(addr: SocketAddr, key: &[u8]) -> Result<(TcpStream, u64), ProtoError>
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let applied = proto::client_handshake(&mut s, VOL, &Key::from_bytes(key))?;
+    // A shipper's connection starts with the mirror's repair requests.
+    match proto::read_msg(&mut s)? {
+        Msg::Repairs { .. } => {}
+        other => panic!("expected Repairs, got {other:?}"),
+    }
     Ok((s, applied.applied))
 }
 

@@ -198,6 +198,26 @@ fn serve(shared: &Shared, mut s: TcpStream, peer: SocketAddr, id: u64) {
         warn!("peer {peer} volume {vol_id}: cannot send Ready: {e}");
         return;
     }
+    // What this copy knows it may hold wrong, for the shipper to repair;
+    // dropped here once a sync of this connection has ended.
+    let (paths, repairs_upto) = match shared.db.lock().resync_paths(&vol_id) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("volume {vol_id}: {e:#}");
+            (Vec::new(), None)
+        }
+    };
+    let paths = repairs_for_the_wire(paths);
+    if !paths.is_empty() {
+        info!(
+            "peer {peer} volume {vol_id}: asking for the repair of {} path(s)",
+            paths.len()
+        );
+    }
+    if let Err(e) = proto::write_msg(&mut &s, &Msg::Repairs { paths }) {
+        warn!("peer {peer} volume {vol_id}: cannot send Repairs: {e}");
+        return;
+    }
     let _ = s.set_read_timeout(Some(shared.limits.idle_timeout));
     let cx = Ctx {
         peer,
@@ -205,11 +225,22 @@ fn serve(shared: &Shared, mut s: TcpStream, peer: SocketAddr, id: u64) {
         alive: &claim.alive,
         shutdown: &shared.stop,
     };
-    session(vol, &s, &cx);
+    session(vol, &s, &cx, repairs_upto);
 }
 
-/// The message loop of an authenticated connection.
-fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>) {
+/// The repair requests as sent: at most 10,000 paths, else the whole tree.
+fn repairs_for_the_wire(paths: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let paths = crate::sync::collapse(paths);
+    if paths.len() > 10_000 {
+        vec![Vec::new()]
+    } else {
+        paths
+    }
+}
+
+/// The message loop of an authenticated connection; `repairs_upto` is the
+/// last resync row sent in REPAIRS (cleared once a sync has ended).
+fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, mut repairs_upto: Option<i64>) {
     let (peer, v) = (cx.peer, &vol.id);
     let mut rd = BufReader::with_capacity(256 << 10, s);
     loop {
@@ -246,6 +277,11 @@ fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>) {
             Msg::SyncEnd { token, horizon } => match vol.sync_end(horizon, cx) {
                 Ok(()) => {
                     info!("peer {peer} volume {v}: sync {token} persisted");
+                    if let Some(id) = repairs_upto.take() {
+                        if let Err(e) = cx.db.lock().clear_resync(v, id) {
+                            warn!("volume {v}: {e:#}");
+                        }
+                    }
                     Msg::SyncDone { token }
                 }
                 Err(e) => return sync_failed(vol, s, cx, e),
@@ -270,7 +306,8 @@ fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>) {
             | Msg::Ready { .. }
             | Msg::Manifest { .. }
             | Msg::Sums { .. }
-            | Msg::SyncDone { .. }) => {
+            | Msg::SyncDone { .. }
+            | Msg::Repairs { .. }) => {
                 warn!(
                     "peer {peer} volume {v}: protocol error: {} from a shipper; closing",
                     other.name()

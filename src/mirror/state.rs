@@ -218,6 +218,32 @@ impl MirrorDb {
             .with_context(|| self.ctx())
     }
 
+    /// The paths of a volume's resync requests (for the shipper to repair)
+    /// and the highest row id among them (None: no request).
+    pub fn resync_paths(&self, volume: &str) -> Result<(Vec<Vec<u8>>, Option<i64>)> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT id, path FROM resync WHERE volume = ?1 ORDER BY id")
+            .with_context(|| self.ctx())?;
+        let rows: Vec<(i64, Vec<u8>)> = st
+            .query_map([volume], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(Iterator::collect)
+            .with_context(|| self.ctx())?;
+        let max = rows.last().map(|r| r.0);
+        Ok((rows.into_iter().map(|r| r.1).collect(), max))
+    }
+
+    /// Drops a volume's resync requests up to row `id` (repaired).
+    pub fn clear_resync(&self, volume: &str, id: i64) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM resync WHERE volume = ?1 AND id <= ?2",
+                params![volume, id],
+            )
+            .map(drop)
+            .with_context(|| self.ctx())
+    }
+
     /// Resync requests of a volume, oldest first.
     pub fn resync_list(&self, volume: &str) -> Result<Vec<ResyncRow>> {
         let mut st = self

@@ -54,6 +54,7 @@ pub mod frame_type {
     pub const SYNC_OPS: u8 = 15;
     pub const SYNC_END: u8 = 16;
     pub const SYNC_DONE: u8 = 17;
+    pub const REPAIRS: u8 = 18;
 }
 use frame_type as t;
 
@@ -188,6 +189,12 @@ pub enum Msg {
     SyncDone {
         token: u64,
     },
+    /// mirror -> shipper, right after READY: paths the mirror knows its copy
+    /// may not hold right (a `RENAME_EXCHANGE` interrupted by a crash, a
+    /// `Resync` record); the shipper repairs them.
+    Repairs {
+        paths: Vec<Vec<u8>>,
+    },
 }
 
 impl Msg {
@@ -208,6 +215,7 @@ impl Msg {
             Msg::SyncOps(_) => "SyncOps",
             Msg::SyncEnd { .. } => "SyncEnd",
             Msg::SyncDone { .. } => "SyncDone",
+            Msg::Repairs { .. } => "Repairs",
         }
     }
 }
@@ -290,6 +298,13 @@ pub fn encode_msg(m: &Msg) -> Result<Vec<u8>, ProtoError> {
         Msg::SyncDone { token } => {
             start_frame(&mut out, t::SYNC_DONE);
             out.extend_from_slice(&token.to_le_bytes());
+        }
+        Msg::Repairs { paths } => {
+            start_frame(&mut out, t::REPAIRS);
+            out.extend_from_slice(&(paths.len() as u32).to_le_bytes());
+            for p in paths {
+                sync::put16(&mut out, p)?;
+            }
         }
     }
     seal_frame(&mut out, MAX_FRAME)?;
@@ -392,6 +407,17 @@ pub fn decode_msg(ty: u8, p: &[u8]) -> Result<Msg, ProtoError> {
         t::SYNC_DONE => Msg::SyncDone {
             token: u64_payload(p, "SyncDone")?,
         },
+        t::REPAIRS => {
+            let n = c.u32()? as usize;
+            if n > c.rest().len() / 2 {
+                return malformed(format!("Repairs of {n} paths in {} bytes", p.len()));
+            }
+            let mut paths = Vec::with_capacity(n);
+            for _ in 0..n {
+                paths.push(c.path()?);
+            }
+            Msg::Repairs { paths }
+        }
         t::HELLO | t::CHALLENGE | t::AUTH => {
             return malformed(format!("handshake frame type {ty} after the handshake"));
         }

@@ -176,6 +176,10 @@ fn every_message_roundtrips() {
             horizon: 6,
         },
         Msg::SyncDone { token: 5 },
+        Msg::Repairs { paths: vec![] },
+        Msg::Repairs {
+            paths: vec![Vec::new(), b"a/b".to_vec()],
+        },
         Msg::Error {
             msg: "expected LSN 5".into(),
         },

@@ -259,6 +259,23 @@ impl Ctx {
         let ready = proto::client_handshake(&mut stream, &self.target.volume, &self.target.key)?;
         let cat = Catalog::open(&self.state)?;
         let source_id = cat.source_id()?;
+        match proto::read_msg(&mut stream)? {
+            Msg::Repairs { paths } => {
+                for p in &paths {
+                    cat.add_resync(p, "the mirror asked for a repair", ready.applied)?;
+                }
+                if !paths.is_empty() {
+                    info!(
+                        "mirror {} (volume {}) asks for the repair of {} path(s)",
+                        self.target.addr,
+                        self.target.volume,
+                        paths.len()
+                    );
+                }
+            }
+            Msg::Error { msg } => bail!("the mirror refused: {msg}"),
+            other => bail!("expected Repairs after Ready, got {}", other.name()),
+        }
         self.set_link(true, None);
         let rx = spawn_reader(stream.try_clone()?);
         let mut peer = LinkPeer {
