@@ -322,3 +322,35 @@ fn paths_the_mirror_doubts_are_repaired_by_checksums() {
     assert_eq!(settled_status(&pair.rig.state)["sync"]["repairs"], 1);
     m.unmount();
 }
+
+#[test]
+fn verify_while_both_run_lists_lag_as_in_flight() {
+    let p = Pair::new();
+    make_files(&p.rig.backing, 50, 5, 20_000);
+    // A slow link keeps the mirror behind the writer.
+    let m = p.mount(Some("[throttle]\nrate = \"256KiB/s\"\n"));
+    p.converge();
+    let mnt = p.rig.mnt.clone();
+    let writer = std::thread::spawn(move || {
+        for i in 0..300u64 {
+            let d = mnt.join(format!("d{:03}", i % 5));
+            fs::write(d.join(format!("w{}", i % 40)), pattern(8000, i)).unwrap();
+            if i % 7 == 0 {
+                let _ = fs::remove_file(d.join(format!("w{}", (i + 3) % 40)));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let mut in_flight_seen = 0;
+    for _ in 0..3 {
+        let (code, json) = p.verify(true);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(code, 0, "only changes in flight differ: {v}");
+        in_flight_seen += v["in_flight"].as_array().unwrap().len();
+    }
+    writer.join().unwrap();
+    assert!(in_flight_seen > 0, "the mirror was behind while verifying");
+    p.converge();
+    assert_eq!(p.verify(false).0, 0);
+    m.unmount();
+}

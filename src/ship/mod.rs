@@ -549,7 +549,9 @@ impl Ctx {
                 self.maybe_retire();
                 self.nudge_durability(&mut durable_seen)?;
                 let caught_up = tail.next_lsn() > self.wal.durable_lsn();
-                if caught_up && repair_check.elapsed() >= REPAIR_CHECK {
+                // A drain is not done while repairs wait: look at once.
+                let due = mode == Mode::Drain || repair_check.elapsed() >= REPAIR_CHECK;
+                if caught_up && due {
                     repair_check = Instant::now();
                     if !cat.resync_list()?.is_empty() {
                         out.flush()?;
