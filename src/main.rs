@@ -2,7 +2,7 @@
 //! failed, 2 error).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -396,15 +396,25 @@ fn mount(m: MountCmd) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The mirror a state dir ships to (command line, config, then what the
+/// last mount used); an error when none is known.
+fn known_target(
+    state: &Path,
+    config: &replfs::config::Config,
+    mirror: Option<String>,
+    key_file: Option<PathBuf>,
+) -> Result<replfs::ship::Target> {
+    replfs::ship::resolve_target(state, &config.ship, mirror, key_file, false)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no mirror known for {}: use --mirror HOST:PORT",
+            state.display()
+        )
+    })
+}
+
 fn verify(v: VerifyCmd) -> Result<ExitCode> {
     let config = load_config(v.config.as_deref())?;
-    let target = replfs::ship::resolve_target(&v.state, &config.ship, v.mirror, v.key_file, false)?
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "no mirror known for {}: use --mirror HOST:PORT",
-                v.state.display()
-            )
-        })?;
+    let target = known_target(&v.state, &config, v.mirror, v.key_file)?;
     let source = match v.source {
         Some(s) => s,
         None => replfs::ship::remember_backing(&v.state, None)?.ok_or_else(|| {
@@ -436,13 +446,7 @@ fn verify(v: VerifyCmd) -> Result<ExitCode> {
 
 fn ship(s: ShipCmd) -> Result<ExitCode> {
     let config = load_config(s.config.as_deref())?;
-    let target = replfs::ship::resolve_target(&s.state, &config.ship, s.mirror, s.key_file, false)?
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "no mirror known for {}: use --mirror HOST:PORT",
-                s.state.display()
-            )
-        })?;
+    let target = known_target(&s.state, &config, s.mirror, s.key_file)?;
     let sigs = replfs::daemon::block_signals()?;
     let (wal, _) = replfs::wal::Wal::open(&s.state, &config.wal)
         .with_context(|| format!("cannot open the WAL in {}", s.state.display()))?;
