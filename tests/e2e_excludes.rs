@@ -7,7 +7,6 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,12 +34,7 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
-        let rig = Rig::new();
-        fs::set_permissions(&rig.backing, fs::Permissions::from_mode(0o755)).unwrap();
-        let key = key_file(rig.tmp.path(), "key", 3);
-        let mdir = rig.path("mirror-dir");
-        fs::create_dir_all(&mdir).unwrap();
-        fs::set_permissions(&mdir, fs::Permissions::from_mode(0o755)).unwrap();
+        let Site { rig, key, mdir } = Site::new(3);
         let mirror = MirrorProc::start(&mdir, &rig.path("mirror-state"), &key, free_port());
         Pair { rig, key, mirror }
     }

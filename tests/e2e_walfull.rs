@@ -7,7 +7,6 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,12 +27,7 @@ struct Down {
 
 impl Down {
     fn new() -> Down {
-        let rig = Rig::new();
-        fs::set_permissions(&rig.backing, fs::Permissions::from_mode(0o755)).unwrap();
-        let key = key_file(rig.tmp.path(), "key", 9);
-        let mdir = rig.path("mirror-dir");
-        fs::create_dir_all(&mdir).unwrap();
-        fs::set_permissions(&mdir, fs::Permissions::from_mode(0o755)).unwrap();
+        let Site { rig, key, mdir } = Site::new(9);
         Down {
             rig,
             key,

@@ -428,6 +428,33 @@ impl Drop for MirrorProc {
     }
 }
 
+/// A source rig with a key file and an empty replica directory beside it
+/// (`mirror-dir`, mode 0755 like BACKING), for a mirror to serve.
+pub struct Site {
+    pub rig: Rig,
+    pub key: PathBuf,
+    pub mdir: PathBuf,
+}
+
+impl Site {
+    pub fn new(key_seed: u8) -> Site {
+        use std::os::unix::fs::PermissionsExt;
+        let rig = Rig::new();
+        let mode = std::fs::Permissions::from_mode(0o755);
+        std::fs::set_permissions(&rig.backing, mode.clone()).unwrap();
+        let key = key_file(rig.tmp.path(), "key", key_seed);
+        let mdir = rig.path("mirror-dir");
+        std::fs::create_dir_all(&mdir).unwrap();
+        std::fs::set_permissions(&mdir, mode).unwrap();
+        Site { rig, key, mdir }
+    }
+
+    /// A mirror serving `mdir` on `port`, its state in `mirror-state`.
+    pub fn start_mirror(&self, port: u16) -> MirrorProc {
+        MirrorProc::start(&self.mdir, &self.rig.path("mirror-state"), &self.key, port)
+    }
+}
+
 /// Waits until the trees are identical, or fails listing the differences.
 pub fn wait_converged(a: &Path, b: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
