@@ -282,6 +282,8 @@ impl Ctx {
             cx: self,
             out: stream.try_clone()?,
             rx: &rx,
+            last_io: Instant::now(),
+            extra: Duration::ZERO,
         };
         let head = self.wal.head_lsn();
         let why = if ready.source != source_id {
@@ -737,6 +739,10 @@ struct LinkPeer<'a> {
     cx: &'a Ctx,
     out: TcpStream,
     rx: &'a Receiver<Result<Msg, String>>,
+    /// When a frame was last sent (keepalive).
+    last_io: Instant,
+    /// Extra time allowed for the next answer.
+    extra: Duration,
 }
 
 impl Peer for LinkPeer<'_> {
@@ -745,20 +751,35 @@ impl Peer for LinkPeer<'_> {
             bail!("stopped");
         }
         let frame = proto::encode_msg(m)?;
-        let mut last_io = Instant::now();
         if !self
             .cx
-            .wait_tokens(frame.len() as u64, &mut self.out, &mut last_io)?
+            .wait_tokens(frame.len() as u64, &mut self.out, &mut self.last_io)?
         {
             bail!("stopped");
         }
         self.out.write_all(&frame)?;
+        self.last_io = Instant::now();
         // Counted by the sync's progress (`bytes_sent`), not as batches.
         Ok(frame.len() as u64)
     }
 
+    fn keepalive(&mut self) -> Result<()> {
+        if self.cx.stop.load(Ordering::Acquire) {
+            bail!("stopped");
+        }
+        if self.last_io.elapsed() > self.cx.cfg.keepalive {
+            proto::write_msg(&mut self.out, &Msg::Ping)?;
+            self.last_io = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn allow(&mut self, extra: Duration) {
+        self.extra = extra;
+    }
+
     fn recv(&mut self) -> Result<Msg> {
-        let until = Instant::now() + self.cx.cfg.io_timeout;
+        let until = Instant::now() + self.cx.cfg.io_timeout + std::mem::take(&mut self.extra);
         loop {
             if self.cx.stop.load(Ordering::Acquire) {
                 bail!("stopped");

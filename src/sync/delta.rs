@@ -83,7 +83,7 @@ pub fn sync(
     let p = a.progress;
     p.start();
     for path in &paths {
-        count(a, path)?;
+        count(peer, a, path)?;
     }
     let mut m = Merger {
         peer,
@@ -114,13 +114,14 @@ pub fn sync(
 }
 
 /// Adds the entries and bytes below `path` to the totals.
-fn count(a: &SyncArgs<'_>, path: &[u8]) -> Result<()> {
+fn count(peer: &mut dyn Peer, a: &SyncArgs<'_>, path: &[u8]) -> Result<()> {
     let opts = WalkOpts {
         hashes: false,
         xattrs: false,
         excludes: Some(a.excludes),
     };
     manifest::walk(a.root, path, opts, &mut |e| {
+        peer.keepalive()?;
         a.progress.files_total.fetch_add(1, Ordering::Relaxed);
         if e.kind == Kind::File {
             a.progress.bytes_total.fetch_add(e.size, Ordering::Relaxed);
@@ -187,6 +188,7 @@ impl Merger<'_, '_> {
         };
         let root = self.a.root;
         manifest::walk(root, path, opts, &mut |s| {
+            self.peer.keepalive()?;
             while let Some(m) = spool.peek()? {
                 if path_cmp(&m.path, &s.path) != std::cmp::Ordering::Less {
                     break;
@@ -526,6 +528,9 @@ impl Merger<'_, '_> {
     fn delta(&mut self, s: &Entry, m: &Entry) -> Result<(bool, bool)> {
         self.flush()?;
         let block = serve::block_for(s.size.max(m.size));
+        // The mirror reads the whole file first (at 20 MiB/s at worst).
+        self.peer
+            .allow(std::time::Duration::from_secs(m.size / (20 << 20)));
         self.peer.send(&Msg::SumsReq {
             path: s.path.clone(),
             block,

@@ -56,6 +56,14 @@ pub trait Peer {
     fn send(&mut self, m: &Msg) -> Result<u64>;
     /// The mirror's next answer (keepalive answers are skipped).
     fn recv(&mut self) -> Result<Msg>;
+    /// Called often during long stretches with nothing to send (walking an
+    /// unchanged tree): keeps the connection from looking idle.
+    fn keepalive(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// The next answer may take this much longer than usual (the mirror
+    /// reads a big file to checksum it).
+    fn allow(&mut self, _extra: std::time::Duration) {}
 }
 
 /// How far a sync has got (shared with `status` and the progress line).

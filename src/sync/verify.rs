@@ -193,6 +193,9 @@ impl Peer for StreamPeer {
     }
 }
 
+/// How long `verify` waits for the mirror's next listing frame.
+const VERIFY_READ_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Connects to the mirror as a verifier and compares `backing` with it.
 pub fn run(
     state: &Path,
@@ -209,7 +212,9 @@ pub fn run(
         .with_context(|| format!("{} resolves to no address", target.addr))?;
     let mut s = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("cannot connect to the mirror at {}", target.addr))?;
-    s.set_read_timeout(Some(timeout))?;
+    // The mirror hashes every file before its listing is complete: a big
+    // file can keep it silent for long.
+    s.set_read_timeout(Some(timeout.max(VERIFY_READ_TIMEOUT)))?;
     s.set_write_timeout(Some(timeout))?;
     let ready = proto::client_handshake_as(&mut s, &target.volume, &target.key, Role::Verifier)
         .with_context(|| format!("mirror {}", target.addr))?;
