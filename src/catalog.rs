@@ -181,6 +181,14 @@ impl Catalog {
             .map_err(|e| self.err(e))
     }
 
+    /// Deletes a key (absent is fine).
+    pub fn remove(&self, key: &str) -> Result<(), CatalogError> {
+        self.conn
+            .execute("DELETE FROM kv WHERE key = ?1", [key])
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
     pub fn set(&self, key: &str, value: &str) -> Result<(), CatalogError> {
         self.conn
             .execute(

@@ -349,3 +349,36 @@ fn verify_while_both_run_lists_lag_as_in_flight() {
     assert_eq!(p.verify(false).0, 0);
     m.unmount();
 }
+
+#[test]
+fn a_baseline_cut_by_a_mirror_crash_starts_over_and_completes() {
+    let p = Pair::new();
+    make_files(&p.rig.backing, 40, 4, 1 << 20);
+    // Slow enough that the mirror dies in the middle of the copy.
+    let m = p.mount(Some("[throttle]\nrate = \"8MiB/s\"\n"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.status()["sync"]["bytes_done"].as_u64().unwrap_or(0) < (8 << 20) {
+        assert!(Instant::now() < deadline, "the baseline never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Pair {
+        rig,
+        key,
+        mdir,
+        mut mirror,
+    } = p;
+    mirror.kill9();
+    fs::write(rig.mnt.join("during-the-outage"), b"x").unwrap();
+    mirror.restart();
+    let p = Pair {
+        rig,
+        key,
+        mdir,
+        mirror,
+    };
+    p.converge();
+    let st = settled_status(&p.rig.state);
+    assert_eq!(st["sync"]["baselines"], 1, "one finished baseline: {st}");
+    assert_eq!(p.verify(false).0, 0);
+    m.unmount();
+}

@@ -286,7 +286,9 @@ impl Ctx {
             extra: Duration::ZERO,
         };
         let head = self.wal.head_lsn();
-        let why = if ready.source != source_id {
+        let why = if let Some(l) = cat.get(KEY_BASELINE_PENDING)? {
+            Some(format!("the baseline begun at LSN {l} did not finish"))
+        } else if ready.source != source_id {
             Some(if ready.source.is_empty() {
                 "the mirror's copy was never paired with a source".to_string()
             } else {
@@ -354,6 +356,10 @@ impl Ctx {
             "volume {}: baseline to mirror {} starts at LSN {l0}: {why}",
             self.target.volume, self.target.addr
         );
+        // Until it finishes, the mirror's copy is only partly this source's
+        // (even though the mirror already names it): the next connection
+        // starts the baseline over.
+        cat.set(KEY_BASELINE_PENDING, &l0.to_string())?;
         peer.send(&Msg::SyncBegin {
             lsn: l0,
             source: source_id.to_owned(),
@@ -376,6 +382,7 @@ impl Ctx {
             thorough: false,
         };
         self.run_sync(peer, cat, job)?;
+        cat.remove(KEY_BASELINE_PENDING)?;
         self.stats.sync.baselines.fetch_add(1, Ordering::Relaxed);
         Ok(l0)
     }
@@ -833,6 +840,9 @@ fn touched_paths(state: &Path, from: Lsn, to: Lsn) -> Result<Vec<Vec<u8>>> {
     }
     Ok(paths)
 }
+
+/// Catalog key set while a baseline runs (its LSN).
+const KEY_BASELINE_PENDING: &str = "sync.baseline_pending";
 
 /// Most paths recorded for repair after one sync.
 const MAX_TOUCHED: usize = 10_000;

@@ -401,7 +401,11 @@ impl Merger<'_, '_> {
                 path: s.path.clone(),
                 kind,
                 rdev: s.rdev,
-                attr,
+                attr: if kind == NodeKind::File {
+                    poisoned(attr)
+                } else {
+                    attr
+                },
                 parent_mtime,
             })?,
         }
@@ -425,7 +429,9 @@ impl Merger<'_, '_> {
     /// all zeros). False when the file changed or vanished while it was read
     /// (see [`poisoned`]).
     fn copy_file(&mut self, s: &Entry) -> Result<bool> {
-        let attr = s.attr();
+        // The real mtime comes last (SetAttr): a copy cut short keeps one no
+        // file has, so the next sync does not take it for complete.
+        let attr = poisoned(s.attr());
         self.push(Op::Truncate {
             path: s.path.clone(),
             size: s.size,
@@ -550,7 +556,7 @@ impl Merger<'_, '_> {
                 crate::apply::display_path(&s.path)
             );
         }
-        let attr = s.attr();
+        let attr = poisoned(s.attr());
         let blocks_before = self.report.blocks_sent;
         if size != Some(s.size) {
             self.push(Op::Truncate {
@@ -609,10 +615,11 @@ fn unchanged(fd: &std::os::fd::OwnedFd, s: &Entry) -> bool {
     })
 }
 
-/// The metadata given to a file whose copy may mix states (it changed while
-/// being read): an mtime no real file has, so that the repair that follows
+/// The metadata given to a file while its data is being sent, and kept when
+/// the copy may mix states (it changed while being read): an mtime no real
+/// file has, so that neither an interrupted sync nor the repair that follows
 /// (every change after the walk's start is in the log, so the path is
-/// repaired) never takes it for equal on size and mtime.
+/// repaired) takes it for equal on size and mtime.
 fn poisoned(mut attr: Attr) -> Attr {
     attr.mtime = Ts { sec: 0, nsec: 1 };
     attr
