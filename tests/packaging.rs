@@ -487,3 +487,109 @@ fn mount_helper_mounts_for_real() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("hello"));
     drop(guard);
 }
+
+/// Runs `replfs mirror` until it listens, then SIGTERM; returns its stderr.
+/// With `journal`, JOURNAL_STREAM names the stderr file as systemd would.
+fn mirror_stderr(journal: bool, extra_env: &[(&str, &str)]) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempdir();
+    let (dir, state, key, err) = (
+        tmp.path().join("dir"),
+        tmp.path().join("state"),
+        tmp.path().join("key"),
+        tmp.path().join("stderr"),
+    );
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let f = std::fs::File::create(&err).unwrap();
+    let md = f.metadata().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["mirror", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--state")
+        .arg(&state)
+        .arg("--key-file")
+        .arg(&key)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .envs(extra_env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(f);
+    if journal {
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()));
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the mirror did not listen");
+        assert!(child.try_wait().unwrap().is_none(), "the mirror exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // That probe closed without a handshake: wait for the mirror's warning.
+    while !std::fs::read_to_string(&err).unwrap().contains("handshake") {
+        assert!(Instant::now() < deadline, "no handshake warning");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the mirror did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::read_to_string(&err).unwrap()
+}
+
+#[test]
+fn under_systemd_log_lines_carry_syslog_priorities_for_the_journal() {
+    // stderr is the journal stream: `<N>` priority, module, no timestamp.
+    let out = mirror_stderr(true, &[]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>replfs::mirror: mirror listening on 127.0.0.1:")),
+        "{out}"
+    );
+    // The probe connection closed without a handshake: a warning.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<4>replfs::mirror::server: peer 127.0.0.1:")),
+        "{out}"
+    );
+    for l in &lines {
+        let ok = ["<3>", "<4>", "<6>", "<7>"]
+            .iter()
+            .any(|p| l.starts_with(p));
+        assert!(
+            ok && !l.contains("Z INFO") && !l.contains("Z WARN"),
+            "{l:?} in\n{out}"
+        );
+    }
+    // RUST_LOG still rules.
+    let out = mirror_stderr(true, &[("RUST_LOG", "warn")]);
+    assert!(!out.contains("<6>"), "{out}");
+    assert!(out.contains("<4>replfs::mirror::server: peer "), "{out}");
+    // A JOURNAL_STREAM that is not this stderr (inherited by a process whose
+    // stderr was redirected) keeps the ordinary format.
+    let tmp = tempdir();
+    let other = std::fs::File::create(tmp.path().join("x")).unwrap();
+    let md = std::os::unix::fs::MetadataExt::ino(&other.metadata().unwrap());
+    let out = mirror_stderr(false, &[("JOURNAL_STREAM", &format!("1:{md}"))]);
+    assert!(!out.contains("<6>"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("[20") && l.contains(" INFO  replfs::mirror] mirror listening")),
+        "{out}"
+    );
+}
