@@ -1,11 +1,14 @@
 //! Failover and failback between two sites, as docs/operations.md tells an
-//! administrator to do them: site A serves its data directory (mounted in
-//! place) and ships to a mirror serving site B's copy. Failover: unmount A,
-//! drain with `replfs ship`, stop the mirror (SIGTERM), and mount B's copy in
-//! place as the new source with a fresh state dir, shipping to A's address.
-//! B works while A is down. Failback: a mirror with a fresh state dir serves
-//! A's old directory; B's first connection runs a delta baseline that sends
-//! only what differs. Then the same way back from B to A.
+//! administrator to do them: site A serves its data directory of volume
+//! `vol1` (mounted in place) and ships to a mirror serving site B's copy
+//! (`[[mirror.volume]]` in the mirror's config). Failover: unmount A, drain
+//! with `replfs ship`, stop the mirror (SIGTERM), and mount B's copy in place
+//! as the new source with a fresh state dir, shipping to A's address. B works
+//! while A is down. Failback: a mirror on A serves A's old directory; B's
+//! first connection runs a delta baseline that sends only what differs. Then
+//! the same way back from B to A. Each site keeps one mirror state dir (like
+//! /var/lib/replfs/mirror): new on A at the failback, and on the way back
+//! B's old one, whose copy belongs to A's old source: a baseline either way.
 
 mod common;
 
@@ -51,9 +54,16 @@ fn settled_status(state: &Path) -> serde_json::Value {
     }
 }
 
-/// `replfs verify --state STATE`: exit code and report.
+/// `replfs verify --state STATE --config C` (the config names the volume):
+/// exit code and report.
 fn verify(state: &Path) -> (i32, String) {
-    let out = replfs(&["verify", "--state", state.to_str().unwrap()]);
+    let out = replfs(&[
+        "verify",
+        "--state",
+        state.to_str().unwrap(),
+        "--config",
+        config_of(state).to_str().unwrap(),
+    ]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -62,8 +72,12 @@ fn verify(state: &Path) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-/// `replfs mount DIR DIR --state STATE --mirror ADDR --key-file KEY -f`:
-/// the site's directory served in place.
+/// The sources' config: the volume id the mirror knows.
+const SOURCE_CONFIG: &str = "[ship]\nvolume = \"vol1\"\n";
+
+/// `replfs mount DIR DIR --state STATE --config C --mirror ADDR --key-file
+/// KEY -f`: the site's directory served in place (C is written next to
+/// STATE, see [`config_of`]).
 fn mount_in_place(dir: &Path, state: &Path, mirror: &str, key: &Path) -> Mount {
     let args = [
         "--mirror".to_string(),
@@ -71,7 +85,12 @@ fn mount_in_place(dir: &Path, state: &Path, mirror: &str, key: &Path) -> Mount {
         "--key-file".into(),
         key.to_string_lossy().into(),
     ];
-    Mount::start_full(dir, dir, state, None, &[], &args)
+    Mount::start_full(dir, dir, state, Some(SOURCE_CONFIG), &[], &args)
+}
+
+/// The config file the mount of `state` was given.
+fn config_of(state: &Path) -> PathBuf {
+    state.parent().unwrap().join("replfs-test.toml")
 }
 
 /// Apparent bytes of the regular files below `root` (the tree size).
@@ -165,11 +184,28 @@ impl Site {
         Site { name, dir, root }
     }
 
-    /// A fresh state dir on this site (never reuse one across a failover).
-    fn fresh(&self, what: &str, n: u32) -> PathBuf {
-        let p = self.root.join(format!("{what}-{n}"));
+    /// A fresh source state dir on this site (never reuse one across a
+    /// failover).
+    fn fresh_state(&self, n: u32) -> PathBuf {
+        let p = self.root.join(format!("state-{n}"));
         assert!(!p.exists(), "{} is not fresh", p.display());
         p
+    }
+
+    /// `replfs mirror --config MIRROR_TOML --state MIRROR_STATE` serving
+    /// this site's directory as volume `vol1`; the site's one mirror state
+    /// dir is kept from one run to the next.
+    fn mirror(&self, key: &Path, port: u16) -> MirrorProc {
+        let cfg = self.root.join("mirror.toml");
+        fs::write(
+            &cfg,
+            format!(
+                "[[mirror.volume]]\nid = \"vol1\"\ndir = {:?}\nkey_file = {:?}\n",
+                self.dir, key
+            ),
+        )
+        .unwrap();
+        MirrorProc::start_config(&self.root.join("mirror-state"), &cfg, port)
     }
 }
 
@@ -191,6 +227,8 @@ fn switch(p: Pairing, old: &Site, new: &Site, key: &Path, round: u64) -> Pairing
         "ship",
         "--state",
         p.state.to_str().unwrap(),
+        "--config",
+        config_of(&p.state).to_str().unwrap(),
         "--timeout",
         "60s",
     ]);
@@ -210,20 +248,15 @@ fn switch(p: Pairing, old: &Site, new: &Site, key: &Path, round: u64) -> Pairing
     // dir, shipping to the old site's address, where nothing listens yet.
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let state = new.fresh("state", round as u32);
+    let state = new.fresh_state(round as u32);
     let mount = mount_in_place(&new.dir, &state, &addr, key);
     let changed = work(&new.dir, round);
     let st = status(&state);
     assert_eq!(st["link"], "retrying", "the old site is down: {st}");
     assert!(st["lag_records"].as_u64().unwrap() > 0, "{st}");
     // 4. Failback pairing: the old site's directory becomes the mirror's
-    // replica, with a fresh mirror state dir (it belongs to no source).
-    let mirror = MirrorProc::start(
-        &old.dir,
-        &old.fresh("mirror-state", round as u32),
-        key,
-        port,
-    );
+    // replica (its copy belongs to no source or to an old one).
+    let mirror = old.mirror(key, port);
     wait_converged(&new.dir, &old.dir, CONVERGE);
     let st = settled_status(&state);
     wait_converged(&new.dir, &old.dir, CONVERGE);
@@ -272,8 +305,8 @@ fn failover_then_failback_each_way_sends_only_the_differences() {
     seed(&a.dir);
 
     // Normal operation: A is the source, B the DR copy.
-    let mirror = MirrorProc::start(&b.dir, &b.fresh("mirror-state", 0), &key, free_port());
-    let state = a.fresh("state", 0);
+    let mirror = b.mirror(&key, free_port());
+    let state = a.fresh_state(0);
     let mount = mount_in_place(&a.dir, &state, &mirror.addr(), &key);
     fs::create_dir(a.dir.join("mixed")).unwrap();
     mixed_workload(&a.dir.join("mixed"));
