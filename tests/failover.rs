@@ -251,9 +251,14 @@ fn switch(p: Pairing, old: &Site, new: &Site, key: &Path, round: u64) -> Pairing
     let state = new.fresh_state(round as u32);
     let mount = mount_in_place(&new.dir, &state, &addr, key);
     let changed = work(&new.dir, round);
+    // What `replfs status` shows meanwhile (the snapshot is a second old at
+    // most): the link retrying, and the lag growing.
+    std::thread::sleep(Duration::from_millis(2100));
     let st = status(&state);
     assert_eq!(st["link"], "retrying", "the old site is down: {st}");
     assert!(st["lag_records"].as_u64().unwrap() > 0, "{st}");
+    assert!(st["lag_bytes"].as_u64().unwrap() > 0, "{st}");
+    assert!(st["lag_seconds"].as_f64().unwrap() > 1.0, "{st}");
     // 4. Failback pairing: the old site's directory becomes the mirror's
     // replica (its copy belongs to no source or to an old one).
     let mirror = old.mirror(key, port);
