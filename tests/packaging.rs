@@ -627,8 +627,7 @@ fn top_fstype(mnt: &Path) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let m = mnt.to_string_lossy();
     info.lines()
-        .filter(|l| l.split(' ').nth(4) == Some(&*m))
-        .last()
+        .rfind(|l| l.split(' ').nth(4) == Some(&*m))
         .and_then(|l| l.split(" - ").nth(1))
         .and_then(|t| t.split(' ').next())
         .map(str::to_string)
