@@ -259,13 +259,132 @@ enum MirrorAction {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let journal = logging::init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("replfs: error: {e:#}");
+            let prefix = if journal { "<3>" } else { "" };
+            eprintln!("{prefix}replfs: error: {e:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Log output: env_logger's format (timestamp, level, module) on a terminal
+/// or in `STATE/replfs.log`; under systemd, when stderr is the journal, no
+/// timestamp (journald adds its own) and an sd-daemon `<N>` syslog priority
+/// prefix on every line, so `journalctl -p warning` and friends see the
+/// levels. `RUST_LOG` selects what is logged either way (default: info).
+mod logging {
+    use std::io::Write;
+
+    /// Sets up the global logger; returns whether stderr is the journal.
+    pub fn init() -> bool {
+        let mut b =
+            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+        let journal = stderr_is_journal();
+        if journal {
+            b.format(|buf, r| {
+                let line = journal_line(r.level(), r.target(), &r.args().to_string());
+                writeln!(buf, "{line}")
+            });
+        }
+        b.init();
+        journal
+    }
+
+    /// The sd-daemon(3) priority of a log level: `<3>` error, `<4>` warning,
+    /// `<6>` info, `<7>` debug (and trace).
+    pub fn priority(level: log::Level) -> u8 {
+        match level {
+            log::Level::Error => 3,
+            log::Level::Warn => 4,
+            log::Level::Info => 6,
+            log::Level::Debug | log::Level::Trace => 7,
+        }
+    }
+
+    /// One record for the journal: `<N>module: message`, and every further
+    /// line of a multi-line message with the same prefix `<N>` (journald
+    /// takes each line as an entry, at the default priority unless told).
+    pub fn journal_line(level: log::Level, target: &str, msg: &str) -> String {
+        let p = priority(level);
+        let mut lines = msg.split('\n');
+        let mut out = format!("<{p}>{target}: {}", lines.next().unwrap_or(""));
+        for l in lines {
+            out.push_str(&format!("\n<{p}>{l}"));
+        }
+        out
+    }
+
+    /// Whether stderr is the journal stream systemd set up: `JOURNAL_STREAM`
+    /// is `DEVICE:INODE` of that stream, and must match stderr itself, as
+    /// systemd.exec(5) asks (a child whose stderr was redirected, such as
+    /// the daemon `replfs mount` forks into `STATE/replfs.log`, inherits
+    /// the variable but not the stream).
+    fn stderr_is_journal() -> bool {
+        let Ok(var) = std::env::var("JOURNAL_STREAM") else {
+            return false;
+        };
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // fstat on fd 2 with a zeroed, properly sized buffer.
+        if unsafe { libc::fstat(2, &mut st) } != 0 {
+            return false;
+        }
+        stream_matches(&var, st.st_dev as u64, st.st_ino as u64)
+    }
+
+    /// `JOURNAL_STREAM`'s `DEVICE:INODE` (decimal) against stderr's.
+    pub fn stream_matches(var: &str, dev: u64, ino: u64) -> bool {
+        let Some((d, i)) = var.trim().split_once(':') else {
+            return false;
+        };
+        d.parse::<u64>().ok() == Some(dev) && i.parse::<u64>().ok() == Some(ino)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use log::Level;
+
+        #[test]
+        fn journal_lines_carry_the_syslog_priority_and_no_timestamp() {
+            assert_eq!(
+                journal_line(
+                    Level::Info,
+                    "replfs::ship",
+                    "connected to mirror dr:7450 (volume vol1), resuming after LSN 42"
+                ),
+                "<6>replfs::ship: connected to mirror dr:7450 (volume vol1), resuming after LSN 42"
+            );
+            assert_eq!(
+                journal_line(Level::Warn, "replfs::mirror::server", "peer p volume v: x"),
+                "<4>replfs::mirror::server: peer p volume v: x"
+            );
+            assert_eq!(journal_line(Level::Error, "t", "boom"), "<3>t: boom");
+            assert_eq!(journal_line(Level::Debug, "t", "d"), "<7>t: d");
+            assert_eq!(journal_line(Level::Trace, "t", "d"), "<7>t: d");
+            assert_eq!(journal_line(Level::Info, "t", ""), "<6>t: ");
+        }
+
+        #[test]
+        fn every_line_of_a_multi_line_message_keeps_its_priority() {
+            assert_eq!(
+                journal_line(Level::Warn, "replfs::wal", "two problems:\n  one\n  two"),
+                "<4>replfs::wal: two problems:\n<4>  one\n<4>  two"
+            );
+        }
+
+        #[test]
+        fn journal_stream_must_be_stderr_itself() {
+            assert!(stream_matches("2049:123456", 2049, 123456));
+            assert!(stream_matches("2049:123456\n", 2049, 123456));
+            assert!(!stream_matches("2049:123457", 2049, 123456));
+            assert!(!stream_matches("2050:123456", 2049, 123456));
+            assert!(!stream_matches("", 2049, 123456));
+            assert!(!stream_matches("2049", 2049, 123456));
+            assert!(!stream_matches("x:y", 2049, 123456));
         }
     }
 }

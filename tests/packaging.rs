@@ -237,7 +237,9 @@ fn systemd_units_verify() {
         "EnvironmentFile=/etc/replfs/%i.env",
         "--state /var/lib/replfs/%i --config /etc/replfs/%i.toml",
         " -f\n",
-        "ExecStop=-/usr/bin/fusermount3 -u ${MOUNTPOINT}",
+        "ExecStop=-/bin/sh -c ",
+        "/usr/bin/fusermount3 -u \"$${MOUNTPOINT}\" || /usr/bin/fusermount3 -uz",
+        "ExecStartPost=",
         "After=network-online.target",
         "Restart=on-failure",
     ] {
@@ -486,4 +488,275 @@ fn mount_helper_mounts_for_real() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("hello"));
     drop(guard);
+}
+
+/// Runs `replfs mirror` until it listens, then SIGTERM; returns its stderr.
+/// With `journal`, JOURNAL_STREAM names the stderr file as systemd would.
+fn mirror_stderr(journal: bool, extra_env: &[(&str, &str)]) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempdir();
+    let (dir, state, key, err) = (
+        tmp.path().join("dir"),
+        tmp.path().join("state"),
+        tmp.path().join("key"),
+        tmp.path().join("stderr"),
+    );
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let f = std::fs::File::create(&err).unwrap();
+    let md = f.metadata().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["mirror", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--state")
+        .arg(&state)
+        .arg("--key-file")
+        .arg(&key)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .envs(extra_env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(f);
+    if journal {
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()));
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the mirror did not listen");
+        assert!(child.try_wait().unwrap().is_none(), "the mirror exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // That probe closed without a handshake: wait for the mirror's warning.
+    while !std::fs::read_to_string(&err).unwrap().contains("handshake") {
+        assert!(Instant::now() < deadline, "no handshake warning");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the mirror did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::read_to_string(&err).unwrap()
+}
+
+#[test]
+fn under_systemd_log_lines_carry_syslog_priorities_for_the_journal() {
+    // stderr is the journal stream: `<N>` priority, module, no timestamp.
+    let out = mirror_stderr(true, &[]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>replfs::mirror: mirror listening on 127.0.0.1:")),
+        "{out}"
+    );
+    // The probe connection closed without a handshake: a warning.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<4>replfs::mirror::server: peer 127.0.0.1:")),
+        "{out}"
+    );
+    for l in &lines {
+        let ok = ["<3>", "<4>", "<6>", "<7>"]
+            .iter()
+            .any(|p| l.starts_with(p));
+        assert!(
+            ok && !l.contains("Z INFO") && !l.contains("Z WARN"),
+            "{l:?} in\n{out}"
+        );
+    }
+    // RUST_LOG still rules.
+    let out = mirror_stderr(true, &[("RUST_LOG", "warn")]);
+    assert!(!out.contains("<6>"), "{out}");
+    assert!(out.contains("<4>replfs::mirror::server: peer "), "{out}");
+    // A JOURNAL_STREAM that is not this stderr (inherited by a process whose
+    // stderr was redirected) keeps the ordinary format.
+    let tmp = tempdir();
+    let other = std::fs::File::create(tmp.path().join("x")).unwrap();
+    let md = std::os::unix::fs::MetadataExt::ino(&other.metadata().unwrap());
+    let out = mirror_stderr(false, &[("JOURNAL_STREAM", &format!("1:{md}"))]);
+    assert!(!out.contains("<6>"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("[20") && l.contains(" INFO  replfs::mirror] mirror listening")),
+        "{out}"
+    );
+}
+
+/// The shell command of `KEY=-/bin/sh -c '...'` in the mount unit, as
+/// systemd runs it (`$$` is a literal `$`).
+fn unit_sh(key: &str) -> String {
+    let unit =
+        std::fs::read_to_string(root().join("packaging/systemd/replfs-mount@.service")).unwrap();
+    let line = unit
+        .lines()
+        .find(|l| l.starts_with(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in the mount unit"));
+    let cmd = line[key.len() + 1..].trim_start_matches('-');
+    let script = cmd
+        .strip_prefix("/bin/sh -c '")
+        .and_then(|s| s.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("{key} is not /bin/sh -c '...': {line}"));
+    script.replace("$$", "$")
+}
+
+fn run_unit_sh(key: &str, mountpoint: &Path) -> Output {
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(unit_sh(key))
+        .env("MOUNTPOINT", mountpoint)
+        .output()
+        .unwrap()
+}
+
+/// The topmost filesystem type mounted at `mnt`, if any.
+fn top_fstype(mnt: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let m = mnt.to_string_lossy();
+    info.lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(&*m))
+        .and_then(|l| l.split(" - ").nth(1))
+        .and_then(|t| t.split(' ').next())
+        .map(str::to_string)
+}
+
+/// Unmounts the tmpfs (and anything above it) on drop.
+struct TmpfsGuard(PathBuf);
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        for _ in 0..5 {
+            if top_fstype(&self.0).is_none() {
+                return;
+            }
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+fn spawn_in_place_mount(dir: &Path, state: &Path) -> std::process::Child {
+    let mut c = Command::new(BIN)
+        .args(["mount"])
+        .arg(dir)
+        .arg(dir)
+        .arg("--state")
+        .arg(state)
+        .arg("-f")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // ExecStartPost returns once the mount is live.
+    let o = run_unit_sh("ExecStartPost", dir);
+    assert!(o.status.success(), "ExecStartPost: {}", text(&o));
+    assert_eq!(top_fstype(dir).as_deref(), Some("fuse"));
+    assert!(c.try_wait().unwrap().is_none());
+    c
+}
+
+fn wait_exit(c: &mut std::process::Child, what: &str) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("{what}: the daemon did not exit within 30s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The mount unit's ExecStartPost and ExecStop, run as systemd would, on a
+/// mount in place over BACKING's own filesystem (a tmpfs here): the start
+/// waits for the live mount; a busy mount is detached lazily and the daemon
+/// flushes and exits 0 when its last file closes (what was written after
+/// the detach is logged); once replfs is gone ExecStop leaves BACKING's
+/// filesystem alone; after a kill -9 it removes the dead mount.
+#[test]
+fn mount_unit_start_and_stop_commands_in_place() {
+    use std::io::Write;
+    if Command::new("findmnt").arg("--version").output().is_err() {
+        println!("findmnt not installed: unit commands not run");
+        return;
+    }
+    let tmp = tempdir();
+    let (dir, state) = (tmp.path().join("data"), tmp.path().join("state"));
+    std::fs::create_dir(&dir).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "replfs-test-tmpfs"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount -t tmpfs");
+    let _guard = TmpfsGuard(dir.clone());
+    std::fs::write(dir.join("before"), b"on the tmpfs").unwrap();
+
+    // Busy stop: a file held open through the mount.
+    let mut daemon = spawn_in_place_mount(&dir, &state);
+    let mut held = std::fs::File::create(dir.join("held")).unwrap();
+    let o = run_unit_sh("ExecStop", &dir);
+    assert!(o.status.success(), "ExecStop: {}", text(&o));
+    assert_eq!(top_fstype(&dir).as_deref(), Some("tmpfs"), "detached");
+    // systemd's SIGTERM follows ExecStop: the daemon keeps serving the
+    // open file until it is closed.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "exited with a file open"
+    );
+    held.write_all(b"written after the detach").unwrap();
+    drop(held);
+    assert_eq!(wait_exit(&mut daemon, "busy stop"), Some(0));
+    assert_eq!(
+        std::fs::read(dir.join("held")).unwrap(),
+        b"written after the detach"
+    );
+    let o = Command::new(BIN)
+        .args(["log", "dump", "--json", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        dump.lines()
+            .any(|l| l.contains("\"write\"") && l.contains("held")),
+        "{dump}"
+    );
+
+    // replfs already gone: ExecStop must not unmount BACKING's filesystem.
+    let o = run_unit_sh("ExecStop", &dir);
+    assert!(o.status.success(), "ExecStop: {}", text(&o));
+    assert_eq!(top_fstype(&dir).as_deref(), Some("tmpfs"));
+    assert!(dir.join("before").exists());
+
+    // Crash: ExecStop removes the dead mount so that a restart can mount.
+    let mut daemon = spawn_in_place_mount(&dir, &state);
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let o = run_unit_sh("ExecStop", &dir);
+    assert!(o.status.success(), "ExecStop: {}", text(&o));
+    assert_eq!(top_fstype(&dir).as_deref(), Some("tmpfs"), "{}", text(&o));
+    let mut daemon = spawn_in_place_mount(&dir, &state);
+    let o = run_unit_sh("ExecStop", &dir);
+    assert!(o.status.success(), "ExecStop: {}", text(&o));
+    assert_eq!(wait_exit(&mut daemon, "clean stop"), Some(0));
+    assert_eq!(top_fstype(&dir).as_deref(), Some("tmpfs"));
+    assert!(dir.join("held").exists() && dir.join("before").exists());
 }
