@@ -37,7 +37,11 @@ impl Services {
     ) -> Result<Services> {
         let throttle = Arc::new(Throttle::new(&config.throttle, Arc::new(SystemClock)));
         let mirror = target.as_ref().map(|t| t.addr.clone());
-        let backing = crate::ship::remember_backing(state, backing)?;
+        // Opened now, before a mount in place covers it: syncs read the
+        // backing directory itself, never through the mount.
+        let backing = crate::ship::remember_backing(state, backing)?
+            .map(|b| crate::sync::manifest::open_root(&b).map(Arc::new))
+            .transpose()?;
         let excludes = crate::exclude::Excludes::new(&config.exclude)?;
         let shipper = target.map(|target| {
             let args = ShipArgs {

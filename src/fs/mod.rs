@@ -99,13 +99,8 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
     let ship_wal = wal.clone();
     let core = Arc::new(ops::Core::new(&args.backing, wal, inflight, &args.config)?);
     let fs = fuse::ReplFs::new(core.clone(), args.config.mount.attr_timeout);
-    let mut session = fuser::Session::new(fs, &args.mountpoint, &session_config(&args))
-        .with_context(|| format!("cannot mount on {}", args.mountpoint.display()))?;
-    info!(
-        "mounted {} on {}",
-        args.backing.display(),
-        args.mountpoint.display()
-    );
+    // The control socket is up before the mount appears, so that `replfs
+    // status` and `replfs throttle` answer as soon as it is visible.
     let services = crate::daemon::Services::start(
         &args.state,
         &ship_wal,
@@ -115,6 +110,20 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
         false,
         Some(&args.backing),
     )?;
+    let mut session = match fuser::Session::new(fs, &args.mountpoint, &session_config(&args)) {
+        Ok(s) => s,
+        Err(e) => {
+            services.stop();
+            core.shutdown();
+            return Err(e)
+                .with_context(|| format!("cannot mount on {}", args.mountpoint.display()));
+        }
+    };
+    info!(
+        "mounted {} on {}",
+        args.backing.display(),
+        args.mountpoint.display()
+    );
     let mut unmounter = session.unmount_callable();
     let mnt = args.mountpoint.clone();
     let stop_wal = ship_wal.clone();

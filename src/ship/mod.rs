@@ -73,9 +73,10 @@ pub struct ShipArgs {
     pub target: Target,
     pub cfg: ShipConfig,
     pub throttle: Arc<Throttle>,
-    /// The backing directory, for baselines and repairs (None: unknown, so
+    /// The backing directory, opened before any mount over it, for
+    /// baselines and repairs (None: unknown, so
     /// a mirror that needs one cannot be served).
-    pub backing: Option<PathBuf>,
+    pub backing: Option<Arc<OwnedFd>>,
     pub excludes: Excludes,
 }
 
@@ -171,7 +172,7 @@ struct Ctx {
     /// When segments were last retired: retiring lists the WAL directory, so
     /// it runs at most once a second, not on every acknowledgement.
     last_retire: std::cell::Cell<(Option<Instant>, Lsn)>,
-    backing: Option<PathBuf>,
+    backing: Option<Arc<OwnedFd>>,
     excludes: Excludes,
 }
 
@@ -480,11 +481,8 @@ impl Ctx {
         Ok(())
     }
 
-    fn open_backing(&self) -> Result<Option<OwnedFd>> {
-        self.backing
-            .as_deref()
-            .map(crate::sync::manifest::open_root)
-            .transpose()
+    fn open_backing(&self) -> Result<Option<Arc<OwnedFd>>> {
+        Ok(self.backing.clone())
     }
 
     fn acked(&self, lsn: Lsn) {
@@ -852,6 +850,7 @@ const REPAIR_CHECK: Duration = Duration::from_secs(1);
 /// Stores the backing directory of a mount (absolute) in the catalog, or
 /// reads the one the last mount stored (for `replfs ship`).
 pub fn remember_backing(state: &Path, backing: Option<&Path>) -> Result<Option<PathBuf>> {
+    // (Callers open it before mounting anything over it: see `daemon`.)
     let cat = Catalog::open(state)
         .with_context(|| format!("cannot open the catalog in {}", state.display()))?;
     match backing {
