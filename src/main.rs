@@ -95,6 +95,11 @@ struct VerifyCmd {
     /// Machine-readable report.
     #[arg(long)]
     json: bool,
+    /// Also record every difference found (not those in flight) for repair:
+    /// the running mount or `replfs ship` brings those paths in line by
+    /// comparing their blocks, whatever their size and mtime say.
+    #[arg(long)]
+    repair: bool,
 }
 
 #[derive(Args)]
@@ -261,6 +266,16 @@ enum MirrorAction {
 fn main() -> ExitCode {
     let journal = logging::init();
     let cli = Cli::parse();
+    if matches!(
+        cli.cmd,
+        Cmd::Status { .. } | Cmd::Verify(_) | Cmd::Log(_) | Cmd::Throttle { .. }
+    ) {
+        // Report commands end quietly when their reader goes away
+        // (`replfs log dump --json | head`), like other Unix tools. The
+        // daemons keep ignoring SIGPIPE: a closed socket is an error there.
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -551,6 +566,14 @@ fn verify(v: VerifyCmd) -> Result<ExitCode> {
         &excludes,
         config.ship.io_timeout,
     )?;
+    if v.repair {
+        let n = replfs::sync::verify::record_repairs(&v.state, &report)?;
+        if n > 0 && !v.json {
+            println!(
+                "{n} path(s) recorded for repair: the running mount or `replfs ship` repairs them"
+            );
+        }
+    }
     if v.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

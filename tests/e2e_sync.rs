@@ -149,6 +149,18 @@ fn thousands_of_preexisting_files_reach_an_empty_mirror_and_verify_clean() {
     assert_eq!(v["identical"], false);
     // The file's content, the missing file, and its directory's mtime.
     assert_eq!(v["differences"].as_array().unwrap().len(), 3, "{v}");
+    // `--repair` hands them to the running mount, which compares blocks.
+    let out = replfs(&[
+        "verify",
+        "--repair",
+        "--state",
+        p.rig.state.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("recorded for repair"));
+    p.converge();
+    let (code, text) = p.verify(false);
+    assert_eq!(code, 0, "{text}");
     m.unmount();
 }
 

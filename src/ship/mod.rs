@@ -889,14 +889,20 @@ pub fn resolve_target(
             .ok_or_else(|| anyhow!("shipping to {addr} needs the shared key: --key-file FILE"))?,
     };
     let key = Key::load(&key_file)?;
+    // The volume: a config that names one wins, else what the last mount used.
+    let volume = match cat.get("ship.volume")? {
+        Some(v) if cfg.volume == ShipConfig::default().volume => v,
+        _ => cfg.volume.clone(),
+    };
     if remember {
+        cat.set("ship.volume", &cfg.volume)?;
         let abs = std::path::absolute(&key_file).unwrap_or(key_file.clone());
         cat.set("ship.mirror", &addr)?;
         cat.set("ship.key_file", &abs.to_string_lossy())?;
     }
     Ok(Some(Target {
         addr,
-        volume: cfg.volume.clone(),
+        volume,
         key: Arc::new(key),
     }))
 }

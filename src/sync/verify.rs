@@ -32,6 +32,9 @@ pub struct Difference {
     /// "content" or "metadata".
     pub what: &'static str,
     pub detail: String,
+    /// The path's raw bytes (for `--repair`).
+    #[serde(skip)]
+    pub raw: Vec<u8>,
 }
 
 /// What `replfs verify` found.
@@ -108,7 +111,19 @@ fn diff(path: &[u8], what: &'static str, detail: String) -> Difference {
         path: display_path(path),
         what,
         detail,
+        raw: path.to_vec(),
     }
+}
+
+/// Records the paths of `report`'s differences (not those in flight) in the
+/// catalog for repair; returns how many.
+pub fn record_repairs(state: &Path, report: &VerifyReport) -> Result<usize> {
+    let cat = crate::catalog::Catalog::open(state)?;
+    let paths = super::collapse(report.differences.iter().map(|d| d.raw.clone()).collect());
+    for p in &paths {
+        cat.add_resync(p, "replfs verify found a difference", report.applied_lsn)?;
+    }
+    Ok(paths.len())
 }
 
 fn compare_entry(s: &Entry, m: &Entry, out: &mut Vec<Difference>) {
@@ -244,8 +259,7 @@ pub fn run(
     let resync: Vec<Vec<u8>> = cat.resync_list()?.into_iter().map(|r| r.path).collect();
     let (mut differences, mut in_flight) = (Vec::new(), Vec::new());
     for d in diffs {
-        let p = d.path.as_bytes();
-        let p: &[u8] = if p == b"." { b"" } else { p };
+        let p = d.raw.as_slice();
         if touched
             .iter()
             .any(|t| is_within(p, t) || manifest::parent(t) == p)
