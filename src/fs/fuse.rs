@@ -23,11 +23,32 @@ use super::sys::Xattr;
 pub struct ReplFs {
     pub core: Arc<Core>,
     ttl: Duration,
+    /// Open flags of regular files and directories: with a non-zero
+    /// `mount.attr_timeout` (nothing changes BACKING behind the mount) the
+    /// kernel keeps file pages and directory listings across opens. Every
+    /// change passes through this mount, and the kernel drops or updates
+    /// what a change through it makes stale (writes, truncate, hole
+    /// punching, copy_file_range, entries added or removed).
+    file_open: FopenFlags,
+    dir_open: FopenFlags,
 }
 
 impl ReplFs {
     pub fn new(core: Arc<Core>, ttl: Duration) -> ReplFs {
-        ReplFs { core, ttl }
+        let (file_open, dir_open) = if ttl.is_zero() {
+            (FopenFlags::empty(), FopenFlags::empty())
+        } else {
+            (
+                FopenFlags::FOPEN_KEEP_CACHE,
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            )
+        };
+        ReplFs {
+            core,
+            ttl,
+            file_open,
+            dir_open,
+        }
     }
 
     fn entry(&self, reply: ReplyEntry, r: Result<(Arc<Inode>, libc::stat), Errno>) {
@@ -137,7 +158,11 @@ fn empty(reply: ReplyEmpty, r: Result<(), Errno>) {
 impl Filesystem for ReplFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
-        let wanted = InitFlags::FUSE_HANDLE_KILLPRIV_V2 | InitFlags::FUSE_PARALLEL_DIROPS;
+        let mut wanted = InitFlags::FUSE_HANDLE_KILLPRIV_V2 | InitFlags::FUSE_PARALLEL_DIROPS;
+        if !self.ttl.is_zero() {
+            // A symlink's target never changes (a new target is a new inode).
+            wanted |= InitFlags::FUSE_CACHE_SYMLINKS;
+        }
         if let Err(missing) = config.add_capabilities(wanted) {
             debug!("kernel lacks capabilities {missing:?}");
             let _ = config.add_capabilities(wanted - missing);
@@ -289,7 +314,7 @@ impl Filesystem for ReplFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.core.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), self.file_open),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -368,7 +393,7 @@ impl Filesystem for ReplFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.core.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), self.dir_open),
             Err(e) => reply.error(ferr(e)),
         }
     }
