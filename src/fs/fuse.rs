@@ -12,12 +12,13 @@ use fuser::{
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 use super::error::Errno;
 use super::inodes::Inode;
 use super::ops::{Caller, Core, SetAttr, TimeSet};
 use super::sys::Xattr;
+use crate::config::MountConfig;
 
 /// The fuser adapter around the passthrough core.
 pub struct ReplFs {
@@ -31,10 +32,13 @@ pub struct ReplFs {
     /// punching, copy_file_range, entries added or removed).
     file_open: FopenFlags,
     dir_open: FopenFlags,
+    /// `mount.writeback_cache`: asked of the kernel at init.
+    writeback_cache: bool,
 }
 
 impl ReplFs {
-    pub fn new(core: Arc<Core>, ttl: Duration) -> ReplFs {
+    pub fn new(core: Arc<Core>, cfg: &MountConfig) -> ReplFs {
+        let ttl = cfg.attr_timeout;
         let (file_open, dir_open) = if ttl.is_zero() {
             (FopenFlags::empty(), FopenFlags::empty())
         } else {
@@ -48,6 +52,7 @@ impl ReplFs {
             ttl,
             file_open,
             dir_open,
+            writeback_cache: cfg.writeback_cache,
         }
     }
 
@@ -163,9 +168,26 @@ impl Filesystem for ReplFs {
             // A symlink's target never changes (a new target is a new inode).
             wanted |= InitFlags::FUSE_CACHE_SYMLINKS;
         }
-        if let Err(missing) = config.add_capabilities(wanted) {
-            debug!("kernel lacks capabilities {missing:?}");
-            let _ = config.add_capabilities(wanted - missing);
+        if self.writeback_cache {
+            wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
+        }
+        let granted = match config.add_capabilities(wanted) {
+            Ok(()) => wanted,
+            Err(missing) => {
+                debug!("kernel lacks capabilities {missing:?}");
+                let _ = config.add_capabilities(wanted - missing);
+                wanted - missing
+            }
+        };
+        if self.writeback_cache {
+            if granted.contains(InitFlags::FUSE_WRITEBACK_CACHE) {
+                info!("writeback cache on: writes reach the WAL at writeback, close or fsync");
+                self.core.set_writeback_cache();
+            } else {
+                warn!(
+                    "mount.writeback_cache: the kernel lacks FUSE_WRITEBACK_CACHE; writing through"
+                );
+            }
         }
         Ok(())
     }

@@ -98,7 +98,7 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
     mark_left_over(&wal, &args.backing, &excludes, left)?;
     let ship_wal = wal.clone();
     let core = Arc::new(ops::Core::new(&args.backing, wal, inflight, &args.config)?);
-    let fs = fuse::ReplFs::new(core.clone(), args.config.mount.attr_timeout);
+    let fs = fuse::ReplFs::new(core.clone(), &args.config.mount);
     let mut session = fuser::Session::new(fs, &args.mountpoint, &session_config(&args))
         .with_context(|| format!("cannot mount on {}", args.mountpoint.display()))?;
     info!(
