@@ -77,6 +77,7 @@ class Replfs:
         self.port = free_port()
         self.mirror = None
         self.mount = None
+        self.config = None  # --config FILE, passed to `replfs mount`
 
     def start_mirror(self):
         logf = open(os.path.join(self.s, "mirror.log"), "ab")
@@ -104,7 +105,8 @@ class Replfs:
         logf = open(os.path.join(self.s, "mount.log"), "ab")
         self.mount = subprocess.Popen(
             [BIN, "mount", self.backing, self.mnt, "--state", self.state,
-             "--mirror", f"127.0.0.1:{self.port}", "--key-file", self.key, "-f"],
+             "--mirror", f"127.0.0.1:{self.port}", "--key-file", self.key, "-f"]
+            + (["--config", self.config] if self.config else []),
             stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
         STARTED.append(self.mount)
         MOUNTS.append(self.mnt)
@@ -557,7 +559,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (debugging)")
     ap.add_argument("--json", metavar="FILE", help="also write all figures as JSON here")
+    ap.add_argument("--config", metavar="FILE", help="config file for `replfs mount` (e.g. writeback_cache)")
+    ap.add_argument("--only", metavar="GROUPS", default="local,lag,compression,backlog",
+                    help="comma-separated subset of local,lag,compression,backlog (default: all)")
     ARGS = ap.parse_args()
+    only = set(ARGS.only.split(","))
+    if not only <= {"local", "lag", "compression", "backlog"}:
+        sys.exit(f"--only: unknown group in {ARGS.only!r}")
     q = ARGS.quick
     reps = ARGS.repeats or (1 if q else 3)
     sz = {
@@ -587,6 +595,8 @@ def main():
     dev = run(["df", "--output=source", SCRATCH], capture_output=True).stdout.decode().split()[-1]
     print(f"machine: nproc={os.cpu_count()} kernel={platform.release()} "
           f"scratch={SCRATCH} fs={fstype} dev={dev} mem={os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // MIB} MiB")
+    cfg_text = open(ARGS.config).read().strip().replace("\n", "; ") if ARGS.config else "defaults"
+    print(f"mount config: {cfg_text}; groups: {','.join(sorted(only))}")
     print(f"mode: {'quick' if q else 'full'}, repeats={reps}, fio {run(['fio', '--version'], capture_output=True).stdout.decode().strip()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  git: "
           + run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, check=False).stdout.decode().strip(), flush=True)
@@ -599,12 +609,13 @@ def main():
     rnd_src = random_block_file(SCRATCH, 64 * MIB)
 
     rf = Replfs(SCRATCH)
+    rf.config = os.path.abspath(ARGS.config) if ARGS.config else None
     rf.start_mirror()
     rf.start_mount()
     log(f"mirror on 127.0.0.1:{rf.port} (pid {rf.mirror.pid}), mount pid {rf.mount.pid}")
 
     results = {}  # workload -> {"native": [...], "replfs": [...]}
-    for r in range(reps):
+    for r in range(reps if "local" in only else 0):
         for side, base in (("native", native), ("replfs", rf.mnt)):
             d = os.path.join(base, f"run{r}")
             os.makedirs(d)
@@ -618,18 +629,28 @@ def main():
             for k, v in figs.items():
                 results.setdefault(k, {"native": [], "replfs": []})[side].append(v)
 
-    log("replication: lag probes")
-    lag = wl_lag(rf, sz["probes"], sz["probe_interval"], sz["load"])
-    log("replication: compression ratio")
+    lag = comp = bl = None
+    if "lag" in only:
+        log("replication: lag probes")
+        lag = wl_lag(rf, sz["probes"], sz["probe_interval"], sz["load"])
+    if "compression" in only:
+        log("replication: compression ratio")
+        comp = compression(rf, sz, tarball, rnd_src)
+    if "backlog" in only:
+        log(f"replication: backlog of {sz['backlog'] / MIB:.0f} MiB")
+        bl = wl_backlog(rf, sz["backlog"], rnd_src)
+    report(results, lag, comp, bl, sz, reps)
+
+
+def compression(rf, sz, tarball, rnd_src):
     with open(os.path.join(SCRATCH, "text.src"), "wb") as out, tarfile.open(tarball) as tf:
         for m in tf.getmembers():
             if m.isfile() and not m.name.endswith((".gz", ".xz", ".bz2", ".zst", ".png", ".jpg", ".pdf")):
                 out.write(tf.extractfile(m).read())
-    comp = wl_compression(rf, sz["compress"], os.path.join(SCRATCH, "text.src"), rnd_src)
-    log(f"replication: backlog of {sz['backlog'] / MIB:.0f} MiB")
-    bl = wl_backlog(rf, sz["backlog"], rnd_src)
+    return wl_compression(rf, sz["compress"], os.path.join(SCRATCH, "text.src"), rnd_src)
 
-    # ------------------------------------------------------------ report
+
+def report(results, lag, comp, bl, sz, reps):
     print()
     print(f"{'workload':50} {'native':>12} {'replfs':>12} {'ratio':>7}  target")
     print("-" * 96)
@@ -645,9 +666,27 @@ def main():
     print("-" * 96)
     print("ratio = replfs/native for rates; native/replfs for times and latencies (bigger is better)")
     print()
+    out_json.update(lag=lag, backlog=bl, compression=comp)
+    if ARGS.json:
+        with open(ARGS.json, "w") as f:
+            json.dump(out_json, f, indent=1)
+    if lag:
+        print_lag(lag, sz)
+    if comp:
+        fmt = lambda x: f"{x:.2f}" if isinstance(x, (int, float)) else "n/a"
+        print(f"compression ratio (raw/wire): text-like {fmt(comp['text'])}, random {fmt(comp['random'])}")
+    if bl:
+        print_backlog(bl)
+    print(f"\ntotal runtime {time.monotonic() - T_START:.0f} s")
+
+
+def print_lag(lag, sz):
     print(f"replication lag ({lag['probes']} probes, 1 per {sz['probe_interval'] * 1000:.0f} ms, "
           f"{lag['load_mib_s']:.0f} MiB/s background load): p50 {lag['p50_ms']:.1f} ms, "
           f"p99 {lag['p99_ms']:.1f} ms, max {lag['max_ms']:.1f} ms, lost {lag['lost']}   target p99 < 50 ms")
+
+
+def print_backlog(bl):
     ceiling = min(bl["disk_read_mib_s"], bl["tcp_loopback_mib_s"])
     ship = bl["ship_mib_s"]
     print(f"backlog {bl['written_bytes'] / MIB:.0f} MiB random written through the mount at "
@@ -663,17 +702,10 @@ def main():
     else:
         print(f"shipper drain: DID NOT FINISH in time; disk read {bl['disk_read_mib_s']:.0f} MiB/s, "
               f"TCP {bl['tcp_loopback_mib_s']:.0f} MiB/s")
-    fmt = lambda x: f"{x:.2f}" if isinstance(x, (int, float)) else "n/a"
-    print(f"compression ratio (raw/wire): text-like {fmt(comp['text'])}, random {fmt(comp['random'])}")
     mm, mi = bl["mount_mem"], bl["mirror_mem"]
     print(f"peak RSS (VmHWM): mount {mm.get('VmHWM', 0) / MIB:.1f} MiB (now {mm.get('VmRSS', 0) / MIB:.1f}), "
           f"mirror {mi.get('VmHWM', 0) / MIB:.1f} MiB (now {mi.get('VmRSS', 0) / MIB:.1f}) "
           f"with a {bl['written_bytes'] / MIB:.0f} MiB backlog   target < 100 MiB")
-    out_json.update(lag=lag, backlog=bl, compression=comp)
-    if ARGS.json:
-        with open(ARGS.json, "w") as f:
-            json.dump(out_json, f, indent=1)
-    print(f"\ntotal runtime {time.monotonic() - T_START:.0f} s")
 
 
 ARGS = None

@@ -89,6 +89,17 @@ pub struct MountConfig {
     pub attr_timeout: Duration,
     /// Pass `allow_other` (requires root or user_allow_other in /etc/fuse.conf).
     pub allow_other: bool,
+    /// FUSE writeback cache: `write(2)` returns once the data is in the
+    /// kernel's page cache; the kernel sends it to replfs (and so to BACKING
+    /// and the WAL, in the order it arrives) at close, fsync, memory pressure
+    /// or after `vm.dirty_expire_centisecs` (30s by default). Much faster
+    /// small and sequential writes; but until then the data is in neither
+    /// BACKING nor the WAL: `status` cannot count it in the lag, a crash of
+    /// the mount process loses it (fsync stays the durability point, as on
+    /// a native filesystem), errors such as ENOSPC from a full WAL are
+    /// reported by close/fsync rather than by write, and SEEK_DATA/SEEK_HOLE
+    /// do not see data not yet written back. Off by default.
+    pub writeback_cache: bool,
 }
 
 impl Default for MountConfig {
@@ -97,6 +108,7 @@ impl Default for MountConfig {
             threads: 4,
             attr_timeout: Duration::from_secs(60),
             allow_other: true,
+            writeback_cache: false,
         }
     }
 }
@@ -196,6 +208,13 @@ impl Config {
         }
         if self.mount.threads == 0 || self.mount.threads > 64 {
             bail!("mount.threads must be between 1 and 64");
+        }
+        if self.mount.writeback_cache && self.mount.attr_timeout.is_zero() {
+            bail!(
+                "mount.writeback_cache needs a non-zero mount.attr_timeout: the kernel then \
+                 trusts its own file sizes and times, which is only right when nothing \
+                 changes BACKING behind the mount"
+            );
         }
         if self.wal.max_size != 0 && self.wal.max_size < 3 * self.wal.segment_size {
             bail!(
@@ -347,5 +366,10 @@ mod tests {
         assert!(Config::parse("[wal]\ndurability = \"sometimes\"\n").is_err());
         assert!(Config::parse("[wal]\nsegment_size = \"1KiB\"\n").is_err());
         assert!(Config::parse("[mount]\nthreads = 0\n").is_err());
+        let err =
+            Config::parse("[mount]\nwriteback_cache = true\nattr_timeout = \"0s\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("writeback_cache"), "{err:#}");
+        let c = Config::parse("[mount]\nwriteback_cache = true\n").unwrap();
+        assert!(c.mount.writeback_cache);
     }
 }

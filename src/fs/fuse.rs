@@ -12,22 +12,48 @@ use fuser::{
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use log::{debug, warn};
+use log::{debug, info, warn};
 
 use super::error::Errno;
 use super::inodes::Inode;
 use super::ops::{Caller, Core, SetAttr, TimeSet};
 use super::sys::Xattr;
+use crate::config::MountConfig;
 
 /// The fuser adapter around the passthrough core.
 pub struct ReplFs {
     pub core: Arc<Core>,
     ttl: Duration,
+    /// Open flags of regular files and directories: with a non-zero
+    /// `mount.attr_timeout` (nothing changes BACKING behind the mount) the
+    /// kernel keeps file pages and directory listings across opens. Every
+    /// change passes through this mount, and the kernel drops or updates
+    /// what a change through it makes stale (writes, truncate, hole
+    /// punching, copy_file_range, entries added or removed).
+    file_open: FopenFlags,
+    dir_open: FopenFlags,
+    /// `mount.writeback_cache`: asked of the kernel at init.
+    writeback_cache: bool,
 }
 
 impl ReplFs {
-    pub fn new(core: Arc<Core>, ttl: Duration) -> ReplFs {
-        ReplFs { core, ttl }
+    pub fn new(core: Arc<Core>, cfg: &MountConfig) -> ReplFs {
+        let ttl = cfg.attr_timeout;
+        let (file_open, dir_open) = if ttl.is_zero() {
+            (FopenFlags::empty(), FopenFlags::empty())
+        } else {
+            (
+                FopenFlags::FOPEN_KEEP_CACHE,
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            )
+        };
+        ReplFs {
+            core,
+            ttl,
+            file_open,
+            dir_open,
+            writeback_cache: cfg.writeback_cache,
+        }
     }
 
     fn entry(&self, reply: ReplyEntry, r: Result<(Arc<Inode>, libc::stat), Errno>) {
@@ -137,10 +163,31 @@ fn empty(reply: ReplyEmpty, r: Result<(), Errno>) {
 impl Filesystem for ReplFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
-        let wanted = InitFlags::FUSE_HANDLE_KILLPRIV_V2 | InitFlags::FUSE_PARALLEL_DIROPS;
-        if let Err(missing) = config.add_capabilities(wanted) {
-            debug!("kernel lacks capabilities {missing:?}");
-            let _ = config.add_capabilities(wanted - missing);
+        let mut wanted = InitFlags::FUSE_HANDLE_KILLPRIV_V2 | InitFlags::FUSE_PARALLEL_DIROPS;
+        if !self.ttl.is_zero() {
+            // A symlink's target never changes (a new target is a new inode).
+            wanted |= InitFlags::FUSE_CACHE_SYMLINKS;
+        }
+        if self.writeback_cache {
+            wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
+        }
+        let granted = match config.add_capabilities(wanted) {
+            Ok(()) => wanted,
+            Err(missing) => {
+                debug!("kernel lacks capabilities {missing:?}");
+                let _ = config.add_capabilities(wanted - missing);
+                wanted - missing
+            }
+        };
+        if self.writeback_cache {
+            if granted.contains(InitFlags::FUSE_WRITEBACK_CACHE) {
+                info!("writeback cache on: writes reach the WAL at writeback, close or fsync");
+                self.core.set_writeback_cache();
+            } else {
+                warn!(
+                    "mount.writeback_cache: the kernel lacks FUSE_WRITEBACK_CACHE; writing through"
+                );
+            }
         }
         Ok(())
     }
@@ -289,7 +336,7 @@ impl Filesystem for ReplFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.core.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), self.file_open),
             Err(e) => reply.error(ferr(e)),
         }
     }
@@ -368,7 +415,7 @@ impl Filesystem for ReplFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.core.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), self.dir_open),
             Err(e) => reply.error(ferr(e)),
         }
     }

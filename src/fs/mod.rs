@@ -98,7 +98,7 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
     mark_left_over(&wal, &args.backing, &excludes, left)?;
     let ship_wal = wal.clone();
     let core = Arc::new(ops::Core::new(&args.backing, wal, inflight, &args.config)?);
-    let fs = fuse::ReplFs::new(core.clone(), args.config.mount.attr_timeout);
+    let fs = fuse::ReplFs::new(core.clone(), &args.config.mount);
     // The control socket is up before the mount appears, so that `replfs
     // status` and `replfs throttle` answer as soon as it is visible.
     let services = crate::daemon::Services::start(

@@ -137,6 +137,10 @@ pub fn utimensat(dir: RawFd, name: &CStr, times: &[libc::timespec; 2], flags: i3
     cvt(unsafe { libc::utimensat(dir, name.as_ptr(), times.as_ptr(), flags) }).map(drop)
 }
 
+pub fn futimens(fd: RawFd, times: &[libc::timespec; 2]) -> Res<()> {
+    cvt(unsafe { libc::futimens(fd, times.as_ptr()) }).map(drop)
+}
+
 pub fn ftruncate(fd: RawFd, size: u64) -> Res<()> {
     cvt(unsafe { libc::ftruncate(fd, size as libc::off_t) }).map(drop)
 }

@@ -36,7 +36,10 @@ pub struct ShipConfig {
     pub min_backoff: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub max_backoff: Duration,
-    /// How often an idle shipper looks for new records.
+    /// An idle shipper is woken by new records (it does not poll); a record
+    /// still not durable this long after it was appended is synced by the
+    /// shipper itself, so the lag is not a group-commit period (or, with
+    /// `durability = "os"`, unbounded).
     #[serde(deserialize_with = "de_duration")]
     pub poll_interval: Duration,
     /// Recovery point objective: when the lag (age of the oldest change the

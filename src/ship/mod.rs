@@ -583,7 +583,16 @@ impl Ctx {
                 }
             }
             let wait = if in_flight.is_empty() {
-                self.cfg.poll_interval
+                // Idle: woken by the WAL once a record after the tail is
+                // durable (the first append after the wait began, or the group
+                // commit); nothing polls. Unsynced records still get synced
+                // after `poll_interval`, so `durability = "os"` ships too.
+                self.wal.wait_durable_beyond(
+                    tail.next_lsn() - 1,
+                    self.cfg.poll_interval,
+                    IDLE_WAIT,
+                )?;
+                Duration::ZERO
             } else {
                 Duration::from_millis(200)
             };
@@ -844,6 +853,10 @@ const KEY_BASELINE_PENDING: &str = "sync.baseline_pending";
 
 /// Most paths recorded for repair after one sync.
 const MAX_TOUCHED: usize = 10_000;
+/// Longest idle wait for new records (the mirror's messages, a stop, a
+/// repair check are seen within it).
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
 /// How often a caught-up shipper looks for paths to repair.
 const REPAIR_CHECK: Duration = Duration::from_secs(1);
 

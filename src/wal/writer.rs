@@ -169,6 +169,8 @@ struct Shared {
     seed: AtomicU32,
     /// The thread sleeps without a sync deadline (batch mode); see `note_append`.
     sleeping: AtomicBool,
+    /// A follower waits in `wait_durable_beyond` for the next append.
+    follower_waiting: AtomicBool,
     /// Held while syncing: serialises syncs so durable_lsn never passes an
     /// unsynced segment; whoever holds it is the group-commit leader.
     sync_io: Mutex<()>,
@@ -303,6 +305,24 @@ impl Wal {
     /// Waits until every record up to `lsn` (capped at the head) is durable.
     pub fn sync(&self, lsn: Lsn) -> Result<(), WalError> {
         self.inner.shared.wait_durable(lsn)
+    }
+
+    /// For a follower of the log (the shipper): waits until a record after
+    /// `lsn` is durable and returns the durable LSN, or returns it as it is
+    /// after `timeout` (also at once when the WAL is closed). No polling: the
+    /// wait is woken by the group commit when a sync completes and by the
+    /// first append after the wait began. A record appended after `lsn` that
+    /// is still not durable `nudge` after the wait saw it is synced by the
+    /// caller itself (group commit, one fdatasync for everything appended),
+    /// so a follower sees a record at most about `nudge` + one fdatasync
+    /// after its append, whatever `wal.durability` says.
+    pub fn wait_durable_beyond(
+        &self,
+        lsn: Lsn,
+        nudge: Duration,
+        timeout: Duration,
+    ) -> Result<Lsn, WalError> {
+        self.inner.shared.wait_durable_beyond(lsn, nudge, timeout)
     }
 
     /// LSN of the last appended record (0 if none).
@@ -441,6 +461,7 @@ impl Shared {
             fsyncs: AtomicU64::new(0),
             seed: AtomicU32::new(seed),
             sleeping: AtomicBool::new(false),
+            follower_waiting: AtomicBool::new(false),
             sync_io: Mutex::new(()),
             _lock: lock,
         }

@@ -150,7 +150,8 @@ impl Mount {
             .arg(state)
             .arg("-f")
             .args(args);
-        if let Some(text) = config {
+        let config = test_overrides(config);
+        if let Some(text) = config.as_deref() {
             let cfg = state
                 .parent()
                 .expect("state has a parent")
@@ -221,6 +222,20 @@ impl Mount {
         }
         detach(&self.mnt);
     }
+}
+
+/// `REPLFS_TEST_WRITEBACK_CACHE=1` runs every mount of the suites with
+/// `mount.writeback_cache = true` (tests that set `[mount]` themselves keep
+/// their own section).
+fn test_overrides(config: Option<&str>) -> Option<String> {
+    if std::env::var_os("REPLFS_TEST_WRITEBACK_CACHE").is_none_or(|v| v == "0") {
+        return config.map(str::to_string);
+    }
+    let text = config.unwrap_or("");
+    if text.contains("[mount]") {
+        return Some(text.replacen("[mount]", "[mount]\nwriteback_cache = true", 1));
+    }
+    Some(format!("{text}\n[mount]\nwriteback_cache = true\n"))
 }
 
 fn detach(mnt: &Path) {

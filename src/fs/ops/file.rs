@@ -14,8 +14,23 @@ impl Core {
         let node = self.node(ino)?;
         // The kernel never opens a symlink through FUSE; the O_PATH descriptor
         // is reopened through its /proc magic link, which must be followed.
-        let fd = sys::reopen(node.raw(), flags & !STRIP_OPEN & !libc::O_NOFOLLOW)?;
+        let flags = flags & !STRIP_OPEN & !libc::O_NOFOLLOW;
+        let fd = self.open_rw(flags, |f| sys::reopen(node.raw(), f))?;
         Ok(self.add_handle(node, fd))
+    }
+
+    /// With the writeback cache the kernel reads pages it must complete
+    /// (a partial-page write) through whatever handle it writes with, a
+    /// write-only one included: those are opened read-write when BACKING
+    /// lets us (else `read` falls back to a read-only descriptor of its own).
+    fn open_rw(&self, flags: i32, open: impl Fn(i32) -> Res<OwnedFd>) -> Res<OwnedFd> {
+        if flags & libc::O_ACCMODE == libc::O_WRONLY && self.writeback.load(Ordering::Acquire) {
+            match open((flags & !libc::O_ACCMODE) | libc::O_RDWR) {
+                Err(Errno(libc::EACCES)) | Err(Errno(libc::EPERM)) => {}
+                r => return r,
+            }
+        }
+        open(flags)
     }
 
     pub fn opendir(&self, ino: u64) -> Res<u64> {
@@ -48,33 +63,35 @@ impl Core {
         let open_flags = (flags & !STRIP_OPEN) | libc::O_NOFOLLOW;
         let path = Self::child_path(&p, name)?;
         let m = self.mark(&[Some(&path)]);
-        let (fd, lsn, node, st) =
-            match sys::openat(p.raw(), &c, open_flags | libc::O_CREAT | libc::O_EXCL, mode) {
-                Ok(fd) => {
-                    self.own(&pst, &p, &c, who, mode)?;
-                    let (node, st, lsn) = self.created(&p, name, path, NodeKind::File, 0)?;
-                    (fd, lsn, node, st)
-                }
-                Err(Errno(libc::EEXIST)) if flags & libc::O_EXCL == 0 => {
-                    let fd = sys::openat(p.raw(), &c, open_flags, 0)?;
-                    let (node, _) = self.lookup_locked(p.ino, name)?;
-                    let mut lsn = 0;
-                    if flags & libc::O_TRUNC != 0 {
-                        sys::ftruncate(fd.as_raw_fd(), 0)?;
-                        let st = sys::fstat(fd.as_raw_fd())?;
-                        if let Target::Log(path) = self.target(&node) {
-                            lsn = self.log_node(&node, path, &st, |path| Op::Truncate {
-                                path,
-                                size: 0,
-                                attr: attr_of(&st),
-                            })?;
-                        }
-                    }
+        let created = self.open_rw(open_flags, |f| {
+            sys::openat(p.raw(), &c, f | libc::O_CREAT | libc::O_EXCL, mode)
+        });
+        let (fd, lsn, node, st) = match created {
+            Ok(fd) => {
+                self.own(&pst, &p, &c, who, mode)?;
+                let (node, st, lsn) = self.created(&p, name, path, NodeKind::File, 0)?;
+                (fd, lsn, node, st)
+            }
+            Err(Errno(libc::EEXIST)) if flags & libc::O_EXCL == 0 => {
+                let fd = self.open_rw(open_flags, |f| sys::openat(p.raw(), &c, f, 0))?;
+                let (node, _) = self.lookup_locked(p.ino, name)?;
+                let mut lsn = 0;
+                if flags & libc::O_TRUNC != 0 {
+                    sys::ftruncate(fd.as_raw_fd(), 0)?;
                     let st = sys::fstat(fd.as_raw_fd())?;
-                    (fd, lsn, node, st)
+                    if let Target::Log(path) = self.target(&node) {
+                        lsn = self.log_node(&node, path, &st, |path| Op::Truncate {
+                            path,
+                            size: 0,
+                            attr: attr_of(&st),
+                        })?;
+                    }
                 }
-                Err(e) => return Err(e),
-            };
+                let st = sys::fstat(fd.as_raw_fd())?;
+                (fd, lsn, node, st)
+            }
+            Err(e) => return Err(e),
+        };
         drop((m, ns));
         self.commit(lsn)?;
         let fh = self.add_handle(node.clone(), fd);
@@ -83,14 +100,39 @@ impl Core {
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Res<Vec<u8>> {
         let h = self.handle(fh)?;
-        sys::pread_full(h.fd.as_raw_fd(), size as usize, off)
+        match sys::pread_full(h.fd.as_raw_fd(), size as usize, off) {
+            // A write-only handle the writeback cache reads through (see `open_rw`).
+            Err(Errno(libc::EBADF)) if self.writeback.load(Ordering::Acquire) => {
+                let r = sys::reopen(h.node.raw(), libc::O_RDONLY)?;
+                sys::pread_full(r.as_raw_fd(), size as usize, off)
+            }
+            r => r,
+        }
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8], kill_suidgid: bool) -> Res<u32> {
         let h = self.handle(fh)?;
         let fd = h.fd.as_raw_fd();
         let apply = || {
+            // With the writeback cache the kernel keeps the file's mtime
+            // (the time of the write(2), not of its writeback) and sends it
+            // in a setattr, which a write arriving later must not undo.
+            let keep = self.writeback.load(Ordering::Acquire);
+            let before = if keep { Some(sys::fstat(fd)?) } else { None };
             sys::pwrite_all(fd, data, off)?;
+            if let Some(b) = before {
+                let times = [
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    },
+                    libc::timespec {
+                        tv_sec: b.st_mtime,
+                        tv_nsec: b.st_mtime_nsec,
+                    },
+                ];
+                sys::futimens(fd, &times)?;
+            }
             let st = sys::fstat(fd)?;
             if kill_suidgid && st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
                 self.kill_suidgid(&h.node, &st)?;

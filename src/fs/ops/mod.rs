@@ -54,6 +54,8 @@ pub struct Core {
     /// Test failpoint (env `REPLFS_FAILPOINT=crash-before-log:PATH`): abort
     /// after changing PATH in BACKING, before its record is appended.
     crash_before_log: Option<Vec<u8>>,
+    /// The kernel granted the writeback cache (`mount.writeback_cache`).
+    writeback: std::sync::atomic::AtomicBool,
 }
 
 const NOFOLLOW_EMPTY: &CStr = c"";
@@ -117,7 +119,13 @@ impl Core {
                     .strip_prefix(b"crash-before-log:")
                     .map(<[u8]>::to_vec)
             }),
+            writeback: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Called at FUSE init once the kernel granted the writeback cache.
+    pub fn set_writeback_cache(&self) {
+        self.writeback.store(true, Ordering::Release);
     }
 
     // ---- helpers -------------------------------------------------------

@@ -327,6 +327,68 @@ fn sync_returns_only_once_durable() {
 }
 
 #[test]
+fn a_follower_is_woken_by_appends_and_syncs_without_polling() {
+    // `os` mode: nothing syncs by itself, so the follower's nudge must.
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Os));
+    // Nothing appended: the wait times out with the durable LSN as it is.
+    let t0 = Instant::now();
+    let d = wal
+        .wait_durable_beyond(0, Duration::ZERO, Duration::from_millis(30))
+        .unwrap();
+    assert_eq!(d, 0);
+    assert!(t0.elapsed() >= Duration::from_millis(30));
+    // An append during a long wait wakes it; the nudge makes it durable.
+    let w = wal.clone();
+    let follower = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let d = w
+            .wait_durable_beyond(0, Duration::from_millis(5), Duration::from_secs(20))
+            .unwrap();
+        (d, t0.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let t1 = Instant::now();
+    let lsn = wal.append(&write_op(1, 10)).unwrap();
+    let (d, waited) = follower.join().unwrap();
+    assert!(d >= lsn && wal.durable_lsn() >= lsn, "durable {d}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "woken, not timed out: {waited:?}"
+    );
+    assert!(t1.elapsed() < Duration::from_secs(5));
+    // Already durable beyond: returns at once.
+    let d = wal
+        .wait_durable_beyond(0, Duration::ZERO, Duration::from_secs(20))
+        .unwrap();
+    assert!(d >= lsn);
+    // A sync by someone else (an fsync through the mount) wakes a follower
+    // whose nudge is far away.
+    let w = wal.clone();
+    let follower = std::thread::spawn(move || {
+        w.wait_durable_beyond(lsn, Duration::from_secs(30), Duration::from_secs(30))
+            .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    let lsn2 = wal.append(&write_op(2, 10)).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    let t2 = Instant::now();
+    wal.sync(lsn2).unwrap();
+    assert!(follower.join().unwrap() >= lsn2);
+    assert!(t2.elapsed() < Duration::from_secs(10));
+    // Closing the WAL releases a waiter.
+    let w = wal.clone();
+    let follower = std::thread::spawn(move || {
+        w.wait_durable_beyond(lsn2, Duration::from_secs(30), Duration::from_secs(30))
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    let t3 = Instant::now();
+    wal.close().unwrap();
+    let _ = follower.join().unwrap();
+    assert!(t3.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
 fn admit_fails_with_full_when_no_spare_can_be_made() {
     let dir = tempfile::tempdir().unwrap();
     let (wal, _) = open(dir.path(), &cfg(Durability::Batch));
