@@ -95,6 +95,7 @@ fn semantics(m: &Path) -> Vec<(&'static str, Vec<u8>)> {
     // a write past it: the dropped bytes must not come back.
     let mut f = OpenOptions::new()
         .create(true)
+        .truncate(true)
         .read(true)
         .write(true)
         .open(m.join("trunc"))
@@ -118,6 +119,7 @@ fn semantics(m: &Path) -> Vec<(&'static str, Vec<u8>)> {
     // through write(2) as well.
     let f = OpenOptions::new()
         .create(true)
+        .truncate(true)
         .read(true)
         .write(true)
         .open(m.join("mapped"))
