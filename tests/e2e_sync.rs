@@ -394,3 +394,30 @@ fn a_baseline_cut_by_a_mirror_crash_starts_over_and_completes() {
     assert_eq!(p.verify(false).0, 0);
     m.unmount();
 }
+
+#[test]
+fn a_mount_killed_during_its_baseline_is_finished_by_replfs_ship() {
+    let p = Pair::new();
+    make_files(&p.rig.backing, 30, 3, 1 << 20);
+    let m = p.mount(Some("[throttle]\nrate = \"8MiB/s\"\n"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.status()["sync"]["bytes_done"].as_u64().unwrap_or(0) < (6 << 20) {
+        assert!(Instant::now() < deadline, "the baseline never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    m.kill9();
+    // No mount: `replfs ship` finds the backing dir and the unfinished
+    // baseline in the state dir, and completes both.
+    let out = replfs(&["ship", "--state", p.rig.state.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "ship: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did not finish"),
+        "the baseline starts over"
+    );
+    wait_converged(&p.rig.backing, &p.mdir, CONVERGE);
+    assert_eq!(p.verify(false).0, 0);
+}
