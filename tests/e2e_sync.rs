@@ -38,18 +38,7 @@ impl Pair {
     }
 
     fn status(&self) -> serde_json::Value {
-        let out = replfs(&[
-            "status",
-            "--json",
-            "--state",
-            self.rig.state.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        status_json(&self.rig.state)
     }
 
     /// Waits until the mirror equals BACKING and nothing is left to repair.
@@ -80,25 +69,15 @@ impl Pair {
     }
 }
 
-fn status(state: &Path) -> serde_json::Value {
-    let out = replfs(&["status", "--json", "--state", state.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// The status once the mirror acknowledged the head and the daemon's
 /// snapshot (refreshed every second) has caught up with it.
 fn settled_status(state: &Path) -> serde_json::Value {
     let deadline = Instant::now() + CONVERGE;
     loop {
-        let st = status(state);
+        let st = status_json(state);
         if st["acked_lsn"] == st["head_lsn"] && st["resync_pending"] == 0 {
             std::thread::sleep(Duration::from_millis(1500));
-            return status(state);
+            return status_json(state);
         }
         assert!(Instant::now() < deadline, "never settled: {st}");
         std::thread::sleep(Duration::from_millis(100));

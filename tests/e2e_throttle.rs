@@ -12,16 +12,6 @@ use std::time::{Duration, Instant};
 use common::workload::pattern;
 use common::*;
 
-fn status(state: &Path) -> serde_json::Value {
-    let out = replfs(&["status", "--json", "--state", state.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
-}
-
 fn throttle(state: &Path, args: &[&str]) -> String {
     let mut a = vec!["throttle", "--state", state.to_str().unwrap()];
     a.extend_from_slice(args);
@@ -68,7 +58,7 @@ fn throttle_set_live_status_shows_lag_and_rpo() {
         hook_out.display()
     );
     let m = Mount::start_shipping(&rig, Some(&cfg), &mirror.addr(), &key);
-    let st = status(&rig.state);
+    let st = status_json(&rig.state);
     assert_eq!(st["daemon"], true);
     assert_eq!(
         st["throttle_bytes_per_sec"],
@@ -85,21 +75,21 @@ fn throttle_set_live_status_shows_lag_and_rpo() {
         )
         .unwrap();
     }
-    let st = status(&rig.state);
+    let st = status_json(&rig.state);
     assert_eq!(st["throttle_bytes_per_sec"], 262144);
     assert_eq!(st["link"], "connected");
     assert!(st["lag_records"].as_u64().unwrap() > 0, "{st}");
     // Lag bytes and seconds are refreshed every second by the daemon.
     wait_for("lag bytes in status", Duration::from_secs(5), || {
-        status(&rig.state)["lag_bytes"].as_u64().unwrap() > 1 << 20
+        status_json(&rig.state)["lag_bytes"].as_u64().unwrap() > 1 << 20
     });
     // The lag grows past the 2 s RPO target: flagged, and the hook ran once.
     wait_for(
         "the RPO target to be exceeded",
         Duration::from_secs(15),
-        || status(&rig.state)["rpo_exceeded"] == true,
+        || status_json(&rig.state)["rpo_exceeded"] == true,
     );
-    let st = status(&rig.state);
+    let st = status_json(&rig.state);
     assert!(st["lag_seconds"].as_f64().unwrap() > 2.0, "{st}");
     wait_for("the RPO hook", Duration::from_secs(5), || hook_out.exists());
     assert_eq!(fs::read_to_string(&hook_out).unwrap().trim(), "default 2");
@@ -113,7 +103,7 @@ fn throttle_set_live_status_shows_lag_and_rpo() {
     // Open the tap: the change takes effect at once and the lag returns to zero.
     throttle(&rig.state, &["set", "unlimited"]);
     let took = wait_for("the backlog to drain", Duration::from_secs(20), || {
-        let st = status(&rig.state);
+        let st = status_json(&rig.state);
         st["lag_records"] == 0 && st["rpo_exceeded"] == false
     });
     assert!(
@@ -130,7 +120,7 @@ fn throttle_set_live_status_shows_lag_and_rpo() {
     assert!(shown.contains("unlimited"), "{shown}");
     m.unmount();
     // Without a daemon, status reads the catalog and the WAL.
-    let st = status(&rig.state);
+    let st = status_json(&rig.state);
     assert_eq!(st["daemon"], false);
     assert_eq!(st["link"], "down");
     assert_eq!(st["lag_records"], 0);

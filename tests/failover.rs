@@ -23,24 +23,13 @@ use common::*;
 const CONVERGE: Duration = Duration::from_secs(120);
 const BIG: usize = 24 << 20;
 
-/// `replfs status --json --state STATE`.
-fn status(state: &Path) -> serde_json::Value {
-    let out = replfs(&["status", "--json", "--state", state.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status is JSON")
-}
-
 /// Waits until nothing is left to ship or repair and the sync figures in the
 /// status snapshot (refreshed about once a second) stand still; returns it.
 fn settled_status(state: &Path) -> serde_json::Value {
     let deadline = Instant::now() + CONVERGE;
     let mut last: Option<serde_json::Value> = None;
     loop {
-        let st = status(state);
+        let st = status_json(state);
         let settled = st["resync_pending"] == 0
             && st["lag_records"] == 0
             && st["link"] == "connected"
@@ -238,7 +227,7 @@ fn switch(p: Pairing, old: &Site, new: &Site, key: &Path, round: u64) -> Pairing
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let st = status(&p.state);
+    let st = status_json(&p.state);
     assert_eq!(st["head_lsn"], st["acked_lsn"], "nothing unshipped: {st}");
     // 2. Stop the mirror on the DR site (it must exit 0).
     let mut mirror = p.mirror;
@@ -254,7 +243,7 @@ fn switch(p: Pairing, old: &Site, new: &Site, key: &Path, round: u64) -> Pairing
     // What `replfs status` shows meanwhile (the snapshot is a second old at
     // most): the link retrying, and the lag growing.
     std::thread::sleep(Duration::from_millis(2100));
-    let st = status(&state);
+    let st = status_json(&state);
     assert_eq!(st["link"], "retrying", "the old site is down: {st}");
     assert!(st["lag_records"].as_u64().unwrap() > 0, "{st}");
     assert!(st["lag_bytes"].as_u64().unwrap() > 0, "{st}");

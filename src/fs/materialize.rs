@@ -581,54 +581,22 @@ mod tests {
         let e = ex(&["*.tmp", "top/cache/**"]);
         let root = sys::openat(libc::AT_FDCWD, &c(t.path()), libc::O_PATH, 0).unwrap();
         let r = root.as_raw_fd();
-        let before = collect(|emit| {
-            reconcile(
-                r,
-                c"a",
-                (b"old", b"top"),
-                Phase::Before,
-                &Scope::alone(&e),
-                emit,
-            )
-        });
-        let names: Vec<_> = before
-            .iter()
-            .map(|o| (o.name(), o.path().to_vec()))
-            .collect();
+        let run = |names: (&[u8], &[u8]), phase: Phase| -> Vec<(&'static str, Vec<u8>)> {
+            collect(|emit| reconcile(r, c"a", names, phase, &Scope::alone(&e), emit))
+                .iter()
+                .map(|o| (o.name(), o.path().to_vec()))
+                .collect()
+        };
         assert_eq!(
-            names,
+            run((b"old", b"top"), Phase::Before),
             vec![
                 ("unlink", b"old/cache/sub/f".to_vec()),
                 ("rmdir", b"old/cache/sub".to_vec())
             ]
         );
-        assert!(
-            collect(|emit| reconcile(
-                r,
-                c"a",
-                (b"old", b"top"),
-                Phase::After,
-                &Scope::alone(&e),
-                emit
-            ))
-            .is_empty()
-        );
-        let after = collect(|emit| {
-            reconcile(
-                r,
-                c"a",
-                (b"top", b"old"),
-                Phase::After,
-                &Scope::alone(&e),
-                emit,
-            )
-        });
-        let names: Vec<_> = after
-            .iter()
-            .map(|o| (o.name(), o.path().to_vec()))
-            .collect();
+        assert!(run((b"old", b"top"), Phase::After).is_empty());
         assert_eq!(
-            names,
+            run((b"top", b"old"), Phase::After),
             vec![
                 ("create", b"old/cache/sub".to_vec()),
                 ("create", b"old/cache/sub/f".to_vec()),
@@ -636,16 +604,6 @@ mod tests {
                 ("setattr", b"old/cache/sub".to_vec()),
             ]
         );
-        assert!(
-            collect(|emit| reconcile(
-                r,
-                c"a",
-                (b"top", b"old"),
-                Phase::Before,
-                &Scope::alone(&e),
-                emit
-            ))
-            .is_empty()
-        );
+        assert!(run((b"top", b"old"), Phase::Before).is_empty());
     }
 }

@@ -443,6 +443,17 @@ impl Drop for MirrorProc {
     }
 }
 
+/// `replfs status --json --state STATE` (the command must succeed).
+pub fn status_json(state: &Path) -> serde_json::Value {
+    let out = replfs(&["status", "--json", "--state", state.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
 /// A source rig with a key file and an empty replica directory beside it
 /// (`mirror-dir`, mode 0755 like BACKING), for a mirror to serve.
 pub struct Site {
