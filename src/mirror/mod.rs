@@ -185,7 +185,7 @@ impl MirrorHandle {
 impl Drop for MirrorHandle {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
-            warn!("{e:#}");
+            warn!("stopping the mirror: {e:#}");
         }
     }
 }

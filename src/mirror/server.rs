@@ -188,7 +188,7 @@ fn serve(shared: &Shared, mut s: TcpStream, peer: SocketAddr, id: u64) {
     };
     let ready = vol.ready();
     if let Err(e) = shared.db.lock().set_peer(&vol_id, &peer.to_string()) {
-        warn!("volume {vol_id}: {e:#}");
+        warn!("peer {peer} volume {vol_id}: recording the peer: {e:#}");
     }
     info!(
         "peer {peer} volume {vol_id}: authenticated; applied LSN {} (source {:?})",
@@ -203,7 +203,7 @@ fn serve(shared: &Shared, mut s: TcpStream, peer: SocketAddr, id: u64) {
     let (paths, repairs_upto) = match shared.db.lock().resync_paths(&vol_id) {
         Ok(r) => r,
         Err(e) => {
-            warn!("volume {vol_id}: {e:#}");
+            warn!("peer {peer} volume {vol_id}: reading the repair requests: {e:#}");
             (Vec::new(), None)
         }
     };
@@ -276,7 +276,10 @@ fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, mut repairs_upto: Option<i
             },
             Msg::SyncEnd { token, horizon } => match vol.sync_end(horizon, cx) {
                 Ok(()) => {
-                    info!("peer {peer} volume {v}: sync {token} persisted");
+                    info!(
+                        "peer {peer} volume {v}: sync {token} persisted (applied LSN {}, horizon LSN {horizon})",
+                        vol.applied()
+                    );
                     if let Some(id) = repairs_upto.take() {
                         if let Err(e) = cx.db.lock().clear_resync(v, id) {
                             warn!("volume {v}: {e:#}");

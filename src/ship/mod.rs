@@ -505,7 +505,10 @@ impl Ctx {
         let lsn = self.stats.acked_lsn.load(Ordering::Acquire);
         self.last_retire.set((Some(Instant::now()), lsn));
         if let Err(e) = self.wal.retire(lsn) {
-            warn!("retiring WAL segments up to LSN {lsn}: {e}");
+            warn!(
+                "volume {}: retiring WAL segments up to LSN {lsn}: {e}",
+                self.target.volume
+            );
         }
     }
 

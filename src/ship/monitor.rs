@@ -189,7 +189,7 @@ impl Shared {
                     self.persist(&catalog, &st);
                     *self.snapshot.lock() = st;
                 }
-                Err(e) => warn!("status refresh: {e:#}"),
+                Err(e) => warn!("volume {}: status refresh: {e:#}", self.m.volume),
             }
             if stopping {
                 return;
@@ -324,7 +324,10 @@ impl Shared {
             Ok(mut child) => {
                 std::thread::spawn(move || child.wait());
             }
-            Err(e) => warn!("RPO hook {hook:?} failed to start: {e}"),
+            Err(e) => warn!(
+                "volume {}: RPO hook {hook:?} failed to start: {e}",
+                self.m.volume
+            ),
         }
     }
 
@@ -333,7 +336,10 @@ impl Shared {
             .set(status::KEY_ACKED, &st.acked_lsn.to_string())
             .and_then(|_| catalog.set(status::KEY_HEAD, &st.head_lsn.to_string()));
         if let Err(e) = r {
-            warn!("saving positions in the catalog: {e}");
+            warn!(
+                "volume {}: saving positions (head LSN {}, acked LSN {}) in the catalog: {e}",
+                self.m.volume, st.head_lsn, st.acked_lsn
+            );
         }
     }
 }
