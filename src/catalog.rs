@@ -105,6 +105,19 @@ impl Catalog {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(wrap)?;
         conn.execute_batch(SCHEMA).map_err(wrap)?;
+        // Catalogs made before the column existed: their rows are repairs.
+        let has_unlogged: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('resync') WHERE name = 'unlogged'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(wrap)?
+            > 0;
+        if !has_unlogged {
+            conn.execute_batch("ALTER TABLE resync ADD COLUMN unlogged INTEGER NOT NULL DEFAULT 0")
+                .map_err(wrap)?;
+        }
         let cat = Catalog { conn, path };
         if cat.get("schema_version")?.is_none() {
             cat.set("schema_version", SCHEMA_VERSION)?;
@@ -231,7 +244,8 @@ impl Catalog {
         Ok(id)
     }
 
-    /// Records that `path` (empty = the whole tree) needs a resync.
+    /// Records that `path` (empty = the whole tree) needs a repair on the
+    /// mirror (its changes are in the log, or were never meant to be).
     pub fn add_resync(&self, path: &[u8], reason: &str, lsn: Lsn) -> Result<(), CatalogError> {
         let now = crate::wal::segment::now_ns();
         self.conn
@@ -243,11 +257,31 @@ impl Catalog {
             .map_err(|e| self.err(e))
     }
 
-    /// Like [`Catalog::add_resync`], returning the new row's id (the WAL
-    /// writer keeps it to notice when the shipper cleared the row).
-    pub fn add_resync_id(&self, path: &[u8], reason: &str, lsn: Lsn) -> Result<i64, CatalogError> {
-        self.add_resync(path, reason, lsn)?;
+    /// Records that a change to `path` went to BACKING but not into the log
+    /// (the WAL writer: a full WAL, a failed append). Unlike a repair-only
+    /// row, later changes to such a path are not logged either until the
+    /// shipper repaired it (a record naming it might not apply on the
+    /// mirror). Returns the row id the writer keeps to notice when the row
+    /// was cleared.
+    pub fn add_unlogged(&self, path: &[u8], reason: &str, lsn: Lsn) -> Result<i64, CatalogError> {
+        let now = crate::wal::segment::now_ns();
+        self.conn
+            .execute(
+                "INSERT INTO resync (path, reason, lsn, time_ns, unlogged) VALUES (?1, ?2, ?3, ?4, 1)",
+                params![path, reason, to_sql(lsn), now],
+            )
+            .map_err(|e| self.err(e))?;
         Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The rows of [`Catalog::add_unlogged`] still waiting: (id, path).
+    pub fn unlogged_list(&self) -> Result<Vec<(i64, Vec<u8>)>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT id, path FROM resync WHERE unlogged = 1 ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)));
+        rows.and_then(Iterator::collect).map_err(|e| self.err(e))
     }
 
     /// Ids of the resync rows still waiting, oldest first.

@@ -127,10 +127,12 @@ impl Shared {
                 .len();
         }
         self.space.used.store(used, Release);
-        let rows = self.catalog.lock().resync_list()?;
+        // Only unlogged changes: a row that merely asks for a repair (a
+        // sync, verify, a changed exclude list) must not stop the logging.
+        let rows = self.catalog.lock().unlogged_list()?;
         let mut d = self.space.dirty.lock();
-        for r in rows {
-            d.insert(r.path, r.id, false);
+        for (id, path) in rows {
+            d.insert(path, id, false);
         }
         self.space.dirty_len.store(d.len(), Release);
         Ok(())
@@ -270,7 +272,7 @@ impl Shared {
                 p
             };
             let lsn = self.head.load(Acquire);
-            match self.catalog.lock().add_resync_id(p, reason, lsn) {
+            match self.catalog.lock().add_unlogged(p, reason, lsn) {
                 Ok(id) => d.insert(p.to_vec(), id, false),
                 Err(e) => {
                     // Kept in memory (retried by `prune_dirty`): changes to
@@ -316,7 +318,7 @@ impl Shared {
         let live: HashSet<i64> = ids.into_iter().collect();
         for p in d.prune(&live) {
             let lsn = self.head.load(Acquire);
-            let r = self.catalog.lock().add_resync_id(
+            let r = self.catalog.lock().add_unlogged(
                 &p,
                 "changed again while its resync was pending",
                 lsn,
@@ -345,14 +347,17 @@ impl Wal {
     pub fn record(&self, op: &Op<'_>) -> Result<Option<Lsn>, WalError> {
         let s = &self.inner.shared;
         s.usable()?;
-        let paths = op.paths();
-        if let Some(reason) = s.must_mark(&paths) {
-            s.mark_paths(&paths, reason)?;
-            return Ok(None);
+        // The common case (logging, nothing dirty) does not build the path list.
+        if s.space.paused.load(Acquire) || s.space.dirty_len.load(Acquire) > 0 {
+            let paths = op.paths();
+            if let Some(reason) = s.must_mark(&paths) {
+                s.mark_paths(&paths, reason)?;
+                return Ok(None);
+            }
         }
         match self.append(op) {
             Err(WalError::Full) if s.cfg.on_wal_full == OnWalFull::Resync => {
-                s.mark_paths(&paths, "the WAL was full")?;
+                s.mark_paths(&op.paths(), "the WAL was full")?;
                 Ok(None)
             }
             r => r.map(Some),

@@ -793,3 +793,22 @@ fn dirty_paths_survive_a_restart() {
         "a is dirty now"
     );
 }
+
+#[test]
+fn repair_only_rows_do_not_stop_the_logging() {
+    let dir = tempfile::tempdir().unwrap();
+    // Rows a sync, verify or a changed exclude list leave: the changes are
+    // in the log, the mirror only needs its copy brought in line.
+    let cat = crate::catalog::Catalog::open(dir.path()).unwrap();
+    cat.add_resync(b"", "exclude list changed", 0).unwrap();
+    cat.add_resync(b"a", "changed while the mirror was being synced", 0)
+        .unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Batch));
+    assert!(wal.dirty_paths().is_empty());
+    assert!(wal.record(&write_to("a/b")).unwrap().is_some(), "logged");
+    // An unlogged change does stop it for its path.
+    wal.mark_resync(b"a", "test").unwrap();
+    assert_eq!(wal.record(&write_to("a/b")).unwrap(), None);
+    assert_eq!(resync_rows(dir.path()).len(), 3);
+    wal.close().unwrap();
+}
