@@ -54,15 +54,16 @@ impl Core {
         umask: u32,
         flags: i32,
     ) -> Res<(Arc<Inode>, libc::stat, u64)> {
-        self.admit()?;
-        let ns = self.ns.write();
-        let p = self.node(parent)?;
-        let c = cname(name)?;
-        let pst = sys::fstat(p.raw())?;
         let mode = (mode & !(umask & 0o777)) & 0o7777;
         let open_flags = (flags & !STRIP_OPEN) | libc::O_NOFOLLOW;
-        let path = Self::child_path(&p, name)?;
-        let m = self.mark(&[Some(&path)]);
+        let NewEntry {
+            m,
+            ns,
+            p,
+            c,
+            pst,
+            path,
+        } = self.new_entry(parent, name)?;
         let created = self.open_rw(open_flags, |f| {
             sys::openat(p.raw(), &c, f | libc::O_CREAT | libc::O_EXCL, mode)
         });

@@ -58,6 +58,16 @@ pub struct Core {
     writeback: std::sync::atomic::AtomicBool,
 }
 
+/// See [`Core::new_entry`]; drop `m` before `ns` (as `drop((m, ns))`).
+struct NewEntry<'a> {
+    m: Mark<'a>,
+    ns: parking_lot::RwLockWriteGuard<'a, ()>,
+    p: Arc<Inode>,
+    c: std::ffi::CString,
+    pst: libc::stat,
+    path: Vec<u8>,
+}
+
 const NOFOLLOW_EMPTY: &CStr = c"";
 
 pub fn ts(sec: i64, nsec: i64) -> Ts {
@@ -205,6 +215,27 @@ impl Core {
 
     /// Marks a change to these paths as in flight until the mark is dropped
     /// (after the record is appended). An unknown path marks the whole tree.
+    /// The start every new entry shares (create, mknod, mkdir, symlink): the
+    /// WAL admits it, the exclusive namespace lock is taken, the parent is
+    /// resolved and stat'ed, and the new path is marked in flight.
+    fn new_entry(&self, parent: u64, name: &OsStr) -> Res<NewEntry<'_>> {
+        self.admit()?;
+        let ns = self.ns.write();
+        let p = self.node(parent)?;
+        let c = cname(name)?;
+        let pst = sys::fstat(p.raw())?;
+        let path = Self::child_path(&p, name)?;
+        let m = self.mark(&[Some(&path)]);
+        Ok(NewEntry {
+            m,
+            ns,
+            p,
+            c,
+            pst,
+            path,
+        })
+    }
+
     fn mark(&self, paths: &[Option<&[u8]>]) -> Mark<'_> {
         let p: Vec<&[u8]> = paths.iter().map(|p| p.unwrap_or(b"")).collect();
         self.inflight.begin(&p)

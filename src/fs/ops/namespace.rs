@@ -66,13 +66,14 @@ impl Core {
         (kind, rdev): (NodeKind, u64),
         make: impl FnOnce(&Inode, &CStr) -> Res<()>,
     ) -> Res<(Arc<Inode>, libc::stat)> {
-        self.admit()?;
-        let ns = self.ns.write();
-        let p = self.node(parent)?;
-        let c = cname(name)?;
-        let pst = sys::fstat(p.raw())?;
-        let path = Self::child_path(&p, name)?;
-        let m = self.mark(&[Some(&path)]);
+        let NewEntry {
+            m,
+            ns,
+            p,
+            c,
+            pst,
+            path,
+        } = self.new_entry(parent, name)?;
         make(&p, &c)?;
         self.own(&pst, &p, &c, who, own_mode)?;
         let (node, st, lsn) = self.created(&p, name, path, kind, rdev)?;
@@ -130,13 +131,14 @@ impl Core {
         target: &OsStr,
     ) -> Res<(Arc<Inode>, libc::stat)> {
         use std::os::unix::ffi::OsStrExt;
-        self.admit()?;
-        let ns = self.ns.write();
-        let p = self.node(parent)?;
-        let c = cname(name)?;
-        let pst = sys::fstat(p.raw())?;
-        let path = Self::child_path(&p, name)?;
-        let m = self.mark(&[Some(&path)]);
+        let NewEntry {
+            m,
+            ns,
+            p,
+            c,
+            pst,
+            path,
+        } = self.new_entry(parent, name)?;
         sys::symlinkat(&cname(target)?, p.raw(), &c)?;
         self.own(&pst, &p, &c, who, libc::S_IFLNK)?;
         let (node, st) = self.lookup_locked(p.ino, name)?;
