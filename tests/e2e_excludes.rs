@@ -26,19 +26,7 @@ fn excludes(patterns: &[&str]) -> Excludes {
     Excludes::new(&patterns.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
 }
 
-struct Pair {
-    rig: Rig,
-    key: PathBuf,
-    mirror: MirrorProc,
-}
-
 impl Pair {
-    fn new() -> Pair {
-        let Site { rig, key, mdir } = Site::new(3);
-        let mirror = MirrorProc::start(&mdir, &rig.path("mirror-state"), &key, free_port());
-        Pair { rig, key, mirror }
-    }
-
     fn mount(&self, patterns: &[&str]) -> Mount {
         let args = [
             "--mirror".to_string(),
@@ -204,7 +192,7 @@ assert os.copy_file_range(x, c, 70000, 1000, 0) == 70000
 
 #[test]
 fn excluded_paths_stay_local_and_the_rest_converges() {
-    let p = Pair::new();
+    let p = Pair::new(3);
     let ex = excludes(&PATTERNS);
     let m = p.mount(&PATTERNS);
     workload(&p.rig.mnt);

@@ -17,19 +17,7 @@ use common::*;
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-struct Pair {
-    rig: Rig,
-    key: PathBuf,
-    mirror: MirrorProc,
-}
-
 impl Pair {
-    fn new() -> Pair {
-        let Site { rig, key, mdir } = Site::new(7);
-        let mirror = MirrorProc::start(&mdir, &rig.path("mirror-state"), &key, free_port());
-        Pair { rig, key, mirror }
-    }
-
     fn mount(&self, via: &str) -> Mount {
         Mount::start_shipping(&self.rig, None, via, &self.key)
     }
@@ -90,7 +78,7 @@ fn wait_progress(done: &AtomicU64, at_least: u64) {
 
 #[test]
 fn workload_converges_on_the_mirror_and_lag_is_measured() {
-    let p = Pair::new();
+    let p = Pair::new(7);
     let m = p.mount(&p.mirror.addr());
     mixed_workload(&p.rig.mnt);
     wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
@@ -123,7 +111,7 @@ fn workload_converges_on_the_mirror_and_lag_is_measured() {
 
 #[test]
 fn mirror_killed_mid_stream_converges() {
-    let mut p = Pair::new();
+    let mut p = Pair::new(7);
     let m = p.mount(&p.mirror.addr());
     let (_stop, done, w) = start_writer(&p.rig.mnt);
     for round in 1..=3 {
@@ -138,7 +126,7 @@ fn mirror_killed_mid_stream_converges() {
 
 #[test]
 fn dropped_links_lose_nothing() {
-    let p = Pair::new();
+    let p = Pair::new(7);
     let proxy = Proxy::start(p.mirror.port);
     let m = p.mount(&proxy.addr());
     let (_stop, done, w) = start_writer(&p.rig.mnt);
@@ -188,7 +176,7 @@ fn assert_converged_except_resync(rig: &Rig, mirror: &Path) {
 
 #[test]
 fn mount_killed_mid_stream_then_ship_drains_the_backlog() {
-    let mut p = Pair::new();
+    let mut p = Pair::new(7);
     let m = p.mount(&p.mirror.addr());
     let (stop, done, w) = start_writer(&p.rig.mnt);
     wait_progress(&done, 400);
@@ -214,7 +202,7 @@ fn mount_killed_mid_stream_then_ship_drains_the_backlog() {
 
 #[test]
 fn remount_resumes_shipping_from_the_acked_position() {
-    let mut p = Pair::new();
+    let mut p = Pair::new(7);
     let m = p.mount(&p.mirror.addr());
     fs::write(p.rig.mnt.join("one"), b"first").unwrap();
     wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
@@ -234,7 +222,7 @@ fn remount_resumes_shipping_from_the_acked_position() {
 
 #[test]
 fn a_wrong_key_is_refused() {
-    let p = Pair::new();
+    let p = Pair::new(7);
     let wrong = key_file(p.rig.tmp.path(), "wrong-key", 99);
     let m = Mount::start_shipping(&p.rig, None, &p.mirror.addr(), &wrong);
     fs::write(p.rig.mnt.join("secret"), b"must not arrive").unwrap();

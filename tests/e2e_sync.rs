@@ -6,7 +6,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::workload::{mixed_workload, pattern};
@@ -14,25 +14,7 @@ use common::*;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
-struct Pair {
-    rig: Rig,
-    key: PathBuf,
-    mdir: PathBuf,
-    mirror: MirrorProc,
-}
-
 impl Pair {
-    fn new() -> Pair {
-        let Site { rig, key, mdir } = Site::new(9);
-        let mirror = MirrorProc::start(&mdir, &rig.path("mirror-state"), &key, free_port());
-        Pair {
-            rig,
-            key,
-            mdir,
-            mirror,
-        }
-    }
-
     fn mount(&self, config: Option<&str>) -> Mount {
         Mount::start_shipping(&self.rig, config, &self.mirror.addr(), &self.key)
     }
@@ -99,7 +81,7 @@ fn make_files(root: &Path, n: usize, dirs: usize, size: usize) -> u64 {
 
 #[test]
 fn thousands_of_preexisting_files_reach_an_empty_mirror_and_verify_clean() {
-    let p = Pair::new();
+    let p = Pair::new(9);
     make_files(&p.rig.backing, 3000, 40, 700);
     fs::create_dir_all(p.rig.backing.join("deep/er/est")).unwrap();
     std::os::unix::fs::symlink("../../d000", p.rig.backing.join("deep/er/link")).unwrap();
@@ -145,7 +127,7 @@ fn thousands_of_preexisting_files_reach_an_empty_mirror_and_verify_clean() {
 
 #[test]
 fn a_mirror_holding_most_of_the_data_receives_only_the_differences() {
-    let p = Pair::new();
+    let p = Pair::new(9);
     let total = make_files(&p.rig.backing, 200, 10, 64 << 10);
     // The DR copy was seeded out of band (e.g. from a backup)...
     sh(
@@ -182,7 +164,7 @@ fn a_mirror_holding_most_of_the_data_receives_only_the_differences() {
 
 #[test]
 fn writes_during_the_baseline_are_not_lost() {
-    let p = Pair::new();
+    let p = Pair::new(9);
     // Enough data that the baseline takes a few seconds at the throttle.
     make_files(&p.rig.backing, 60, 6, 1 << 20);
     let cfg = "[throttle]\nrate = \"16MiB/s\"\n";
@@ -230,7 +212,7 @@ fn writes_during_the_baseline_are_not_lost() {
 #[test]
 fn coalescing_cuts_the_bytes_sent_for_overwrites() {
     fn run(coalesce: bool) -> (u64, u64) {
-        let p = Pair::new();
+        let p = Pair::new(9);
         let cfg = format!("[ship]\ncoalesce = {coalesce}\nbatch_bytes = \"8MiB\"\n");
         let m = p.mount(Some(&cfg));
         p.converge();
@@ -270,7 +252,7 @@ fn coalescing_cuts_the_bytes_sent_for_overwrites() {
 
 #[test]
 fn paths_the_mirror_doubts_are_repaired_by_checksums() {
-    let p = Pair::new();
+    let p = Pair::new(9);
     make_files(&p.rig.backing, 20, 2, 10_000);
     let m = p.mount(None);
     p.converge();
@@ -311,7 +293,7 @@ fn paths_the_mirror_doubts_are_repaired_by_checksums() {
 
 #[test]
 fn verify_while_both_run_lists_lag_as_in_flight() {
-    let p = Pair::new();
+    let p = Pair::new(9);
     make_files(&p.rig.backing, 50, 5, 20_000);
     // A slow link keeps the mirror behind the writer.
     let m = p.mount(Some("[throttle]\nrate = \"256KiB/s\"\n"));
@@ -343,7 +325,7 @@ fn verify_while_both_run_lists_lag_as_in_flight() {
 
 #[test]
 fn a_baseline_cut_by_a_mirror_crash_starts_over_and_completes() {
-    let p = Pair::new();
+    let p = Pair::new(9);
     make_files(&p.rig.backing, 40, 4, 1 << 20);
     // Slow enough that the mirror dies in the middle of the copy.
     let m = p.mount(Some("[throttle]\nrate = \"8MiB/s\"\n"));
@@ -376,7 +358,7 @@ fn a_baseline_cut_by_a_mirror_crash_starts_over_and_completes() {
 
 #[test]
 fn a_mount_killed_during_its_baseline_is_finished_by_replfs_ship() {
-    let p = Pair::new();
+    let p = Pair::new(9);
     make_files(&p.rig.backing, 30, 3, 1 << 20);
     let m = p.mount(Some("[throttle]\nrate = \"8MiB/s\"\n"));
     let deadline = Instant::now() + Duration::from_secs(30);

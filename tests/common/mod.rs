@@ -474,10 +474,27 @@ impl Site {
         std::fs::set_permissions(&mdir, mode).unwrap();
         Site { rig, key, mdir }
     }
+}
 
-    /// A mirror serving `mdir` on `port`, its state in `mirror-state`.
-    pub fn start_mirror(&self, port: u16) -> MirrorProc {
-        MirrorProc::start(&self.mdir, &self.rig.path("mirror-state"), &self.key, port)
+/// A [`Site`] with a mirror serving its replica dir on a free port; each
+/// test file adds the `mount` it needs.
+pub struct Pair {
+    pub rig: Rig,
+    pub key: PathBuf,
+    pub mdir: PathBuf,
+    pub mirror: MirrorProc,
+}
+
+impl Pair {
+    pub fn new(key_seed: u8) -> Pair {
+        let Site { rig, key, mdir } = Site::new(key_seed);
+        let mirror = MirrorProc::start(&mdir, &rig.path("mirror-state"), &key, free_port());
+        Pair {
+            rig,
+            key,
+            mdir,
+            mirror,
+        }
     }
 }
 
