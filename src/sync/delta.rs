@@ -440,20 +440,53 @@ impl Merger<'_, '_> {
         let Some(fd) = manifest::open_file_beneath(self.a.root, &s.path)? else {
             return Ok(false); // gone meanwhile: its removal is in the log
         };
-        let mut buf = vec![0u8; CHUNK];
-        let mut off = 0u64;
-        loop {
+        self.send_blocks(s, &fd, CHUNK, &[], attr)?;
+        Ok(unchanged(&fd, s))
+    }
+
+    /// Sends the `block`-sized blocks of the open file whose checksums are
+    /// not in `sums` (the mirror's; empty for a new file): data as writes,
+    /// an all-zero block as a punched hole where the mirror has data there
+    /// and as nothing beyond its end (a hole already). Returns the blocks
+    /// that changed.
+    fn send_blocks(
+        &mut self,
+        s: &Entry,
+        fd: &std::os::fd::OwnedFd,
+        block: usize,
+        sums: &[[u8; crate::proto::sync::SUM_LEN]],
+        attr: Attr,
+    ) -> Result<u64> {
+        let mut buf = vec![0u8; block];
+        let (mut off, mut changed) = (0u64, 0u64);
+        for i in 0.. {
             let n = manifest::pread_full(fd.as_raw_fd(), &mut buf, off)
                 .with_context(|| format!("reading {}", crate::apply::display_path(&s.path)))?;
             if n == 0 {
                 break;
             }
-            if buf[..n].iter().any(|&b| b != 0) {
-                self.write(s, off, &buf[..n], attr)?;
+            let data = &buf[..n];
+            let mirror = sums.get(i);
+            if mirror.is_some_and(|h| *h == serve::block_sum(data)) {
+                off += n as u64;
+                continue;
+            }
+            if data.iter().any(|&b| b != 0) {
+                self.write(s, off, data, attr)?;
+                changed += 1;
+            } else if mirror.is_some() {
+                self.push(Op::Fallocate {
+                    path: s.path.clone(),
+                    mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset: off,
+                    len: n as u64,
+                    attr,
+                })?;
+                changed += 1;
             }
             off += n as u64;
         }
-        Ok(unchanged(&fd, s))
+        Ok(changed)
     }
 
     fn write(&mut self, s: &Entry, off: u64, data: &[u8], attr: Attr) -> Result<()> {
@@ -557,7 +590,6 @@ impl Merger<'_, '_> {
             );
         }
         let attr = poisoned(s.attr());
-        let blocks_before = self.report.blocks_sent;
         if size != Some(s.size) {
             self.push(Op::Truncate {
                 path: s.path.clone(),
@@ -568,36 +600,9 @@ impl Merger<'_, '_> {
         let Some(fd) = manifest::open_file_beneath(self.a.root, &s.path)? else {
             return Ok((true, false));
         };
-        let mut buf = vec![0u8; block as usize];
-        let mut off = 0u64;
-        let mut i = 0usize;
-        loop {
-            let n = manifest::pread_full(fd.as_raw_fd(), &mut buf, off)?;
-            if n == 0 {
-                break;
-            }
-            let data = &buf[..n];
-            let same = sums.get(i).is_some_and(|h| *h == serve::block_sum(data));
-            if !same {
-                self.report.blocks_sent += 1;
-                if data.iter().all(|&b| b == 0) {
-                    if i < sums.len() {
-                        self.push(Op::Fallocate {
-                            path: s.path.clone(),
-                            mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                            offset: off,
-                            len: n as u64,
-                            attr,
-                        })?;
-                    }
-                } else {
-                    self.write(s, off, data, attr)?;
-                }
-            }
-            off += n as u64;
-            i += 1;
-        }
-        let sent = size != Some(s.size) || self.report.blocks_sent > blocks_before;
+        let changed = self.send_blocks(s, &fd, block as usize, &sums, attr)?;
+        self.report.blocks_sent += changed;
+        let sent = size != Some(s.size) || changed > 0;
         if sent {
             self.report.delta_files += 1;
         }
