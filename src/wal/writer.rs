@@ -131,6 +131,8 @@ struct Log {
 struct SyncState {
     /// Wake the commit thread to re-plan (a batch-mode append after a quiet spell).
     kicked: bool,
+    /// Wake the commit thread to sync now (`Wal::sync_soon`).
+    sync_now: bool,
     stop: bool,
 }
 
@@ -307,6 +309,19 @@ impl Wal {
         self.inner.shared.wait_durable(lsn)
     }
 
+    /// Starts making `lsn` durable on the commit thread and returns at once,
+    /// so the caller's own flush (the backing file's fdatasync) runs
+    /// alongside the WAL's; [`Wal::sync`] then waits for it (or finds it done).
+    pub fn sync_soon(&self, lsn: Lsn) {
+        let s = &self.inner.shared;
+        if s.durable.load(Acquire) >= lsn.min(s.head.load(Acquire)) {
+            return;
+        }
+        let mut st = s.sync.lock();
+        st.sync_now = true;
+        s.wake.notify_one();
+    }
+
     /// For a follower of the log (the shipper): waits until a record after
     /// `lsn` is durable and returns the durable LSN, or returns it as it is
     /// after `timeout` (also at once when the WAL is closed). No polling: the
@@ -330,12 +345,12 @@ impl Wal {
         self.inner.shared.head.load(Acquire)
     }
 
-    /// Every record up to this LSN is on stable storage.
     /// The segment being written, with the bytes used in it so far.
     pub fn current_segment(&self) -> crate::catalog::SegmentRow {
         self.inner.shared.current_row()
     }
 
+    /// Every record up to this LSN is on stable storage.
     pub fn durable_lsn(&self) -> Lsn {
         self.inner.shared.durable.load(Acquire)
     }

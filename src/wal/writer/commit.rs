@@ -54,6 +54,9 @@ impl Shared {
                 return (false, true);
             }
             st.kicked = false;
+            if std::mem::take(&mut st.sync_now) {
+                return (true, false);
+            }
             let ticking = batch && last_sync.elapsed() < 10 * self.cfg.sync_interval;
             if batch && !ticking {
                 // Announce the long sleep before looking at the head: an append
@@ -72,6 +75,9 @@ impl Shared {
             };
             let timed_out = self.wake.wait_for(&mut st, timeout).timed_out();
             self.sleeping.store(false, SeqCst);
+            if std::mem::take(&mut st.sync_now) {
+                return (true, false);
+            }
             if timed_out && batch && self.head.load(Acquire) > self.durable.load(Acquire) {
                 return (true, false);
             }

@@ -327,6 +327,26 @@ fn sync_returns_only_once_durable() {
 }
 
 #[test]
+fn sync_soon_makes_the_record_durable_on_the_commit_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Os));
+    let lsn = wal.append(&write_op(1, 10)).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(wal.durable_lsn(), 0, "os mode syncs only on request");
+    let before = wal.fsync_count();
+    wal.sync_soon(lsn);
+    // Not waited for here: the commit thread does it by itself.
+    wait_for("the commit thread's sync", || wal.durable_lsn() >= lsn);
+    assert_eq!(wal.fsync_count(), before + 1);
+    // Already durable: no further sync is started.
+    wal.sync_soon(lsn);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(wal.fsync_count(), before + 1);
+    wal.sync(lsn).unwrap();
+    assert_eq!(wal.fsync_count(), before + 1);
+}
+
+#[test]
 fn a_follower_is_woken_by_appends_and_syncs_without_polling() {
     // `os` mode: nothing syncs by itself, so the follower's nudge must.
     let dir = tempfile::tempdir().unwrap();
