@@ -188,9 +188,13 @@ pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
     }
 }
 
-/// Creates `wal_dir/spare.tmp` preallocated to `size` bytes (zeros). On
-/// failure the partial file is removed so it holds no space.
-pub fn create_spare(wal_dir: &Path, size: u64) -> Result<File, WalError> {
+/// Creates `wal_dir/spare.tmp` holding `size` bytes of zeros. Preallocated
+/// (`fallocate`: instant, but the extents stay "unwritten", so every later
+/// fdatasync of a record in them also commits the extent conversion to the
+/// file system's journal), or with `zero_fill` written out as zeros and
+/// flushed here, off the write path, so a later fdatasync only flushes data.
+/// On failure the partial file is removed so it holds no space.
+pub fn create_spare(wal_dir: &Path, size: u64, zero_fill: bool) -> Result<File, WalError> {
     let path = wal_dir.join(SPARE_NAME);
     let file = OpenOptions::new()
         .read(true)
@@ -199,11 +203,28 @@ pub fn create_spare(wal_dir: &Path, size: u64) -> Result<File, WalError> {
         .truncate(true)
         .open(&path)
         .map_err(io_err("create", &path))?;
-    if let Err(e) = preallocate(&file, size) {
+    let made = if zero_fill {
+        write_zeros(&file, size).and_then(|()| file.sync_data())
+    } else {
+        preallocate(&file, size)
+    };
+    if let Err(e) = made {
         let _ = std::fs::remove_file(&path);
         return Err(io_err("preallocate", &path)(e));
     }
     Ok(file)
+}
+
+/// Writes `len` bytes of zeros from offset 0.
+fn write_zeros(file: &File, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
 }
 
 /// Puts the spare into use as the segment starting at `header.first_lsn`:

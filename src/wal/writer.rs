@@ -19,7 +19,7 @@ use super::record::{Lsn, Op};
 use super::recovery;
 use super::segment::{self, HEADER_LEN, SegmentHeader, io_err};
 use crate::catalog::{Catalog, CatalogError, SegmentRow};
-use crate::config::{Durability, OnWalFull, WalConfig};
+use crate::config::{Durability, OnWalFull, WalConfig, ZeroFill};
 
 /// Name of the lock file in the state dir (flock'ed by the one writer).
 pub const LOCK_FILE: &str = "lock";
@@ -125,6 +125,8 @@ struct Log {
     dir_dirty: bool,
     /// Catalog rows to write off the hot path.
     rows: Vec<SegmentRow>,
+    /// When the current segment was started (or the WAL opened).
+    rolled_at: Instant,
 }
 
 #[derive(Default)]
@@ -167,6 +169,10 @@ struct Shared {
     catalog: Mutex<Catalog>,
     fail_spare: AtomicBool,
     fsyncs: AtomicU64,
+    /// The spare thread writes the next spare out as zeros (see
+    /// [`WalConfig::zero_fill`]); decided at each roll from how long the
+    /// segment took to fill.
+    zero_spare: AtomicBool,
     /// CRC seed of the current segment, read without the lock by `append`.
     seed: AtomicU32,
     /// The thread sleeps without a sync deadline (batch mode); see `note_append`.
@@ -474,6 +480,7 @@ impl Shared {
             catalog: Mutex::new(catalog),
             fail_spare: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
+            zero_spare: AtomicBool::new(cfg.zero_fill != ZeroFill::Never),
             seed: AtomicU32::new(seed),
             sleeping: AtomicBool::new(false),
             follower_waiting: AtomicBool::new(false),
@@ -524,7 +531,7 @@ impl Shared {
         let spare = match slot.take() {
             Some(f) => f,
             None => self
-                .make_spare()
+                .make_spare(false)
                 .inspect_err(|e| self.note_full(&format!("cannot prepare the next segment: {e}")))
                 .map_err(|_| WalError::Full)?,
         };
@@ -557,12 +564,16 @@ impl Shared {
         log.unsynced.push(old);
         log.off = HEADER_LEN;
         log.dir_dirty = true;
+        let filled = std::mem::replace(&mut log.rolled_at, Instant::now()).elapsed();
+        self.zero_spare
+            .store(self.cfg.zero_fill_after(filled), Relaxed);
         self.kick_spare();
         Ok(())
     }
 
-    /// Creates the spare segment, within `wal.max_size` (else `Full`).
-    fn make_spare(&self) -> Result<File, WalError> {
+    /// Creates the spare segment, within `wal.max_size` (else `Full`);
+    /// `zero_fill` only off the write path (the spare thread).
+    fn make_spare(&self, zero_fill: bool) -> Result<File, WalError> {
         if !self.room_for_spare() {
             return Err(WalError::Full);
         }
@@ -572,7 +583,7 @@ impl Shared {
                 libc::ENOSPC,
             )));
         }
-        let f = segment::create_spare(&self.dir, self.cfg.segment_size)?;
+        let f = segment::create_spare(&self.dir, self.cfg.segment_size, zero_fill)?;
         self.note_created(self.cfg.segment_size);
         Ok(f)
     }

@@ -260,7 +260,7 @@ impl Shared {
             return;
         }
         *last_try = Some(Instant::now());
-        match self.make_spare() {
+        match self.make_spare(self.zero_spare.load(Relaxed)) {
             Ok(f) => {
                 *slot = Some(f);
                 drop(slot);

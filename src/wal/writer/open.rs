@@ -60,6 +60,7 @@ pub(super) fn recover_log(
         unsynced: vec![],
         dir_dirty: false,
         rows: vec![],
+        rolled_at: std::time::Instant::now(),
     };
     Ok((log, report))
 }
@@ -92,13 +93,15 @@ fn reopen_last(
     Ok((seg, last.bytes_used, last.last_lsn + 1))
 }
 
-/// A new state dir: the first segment starts at LSN 1.
+/// A new state dir: the first segment starts at LSN 1 (zero-filled unless
+/// `wal.zero_fill = "never"`: nothing is known yet of the write rate).
 fn create_first(
     dir: &Path,
     cfg: &WalConfig,
     cat: &Catalog,
 ) -> Result<(Active, u64, Lsn), WalError> {
-    let file = segment::create_spare(dir, cfg.segment_size)?;
+    let zero = cfg.zero_fill != crate::config::ZeroFill::Never;
+    let file = segment::create_spare(dir, cfg.segment_size, zero)?;
     let header = SegmentHeader::new(1);
     let path = segment::activate_spare(&file, dir, &header)?;
     file.sync_data().map_err(io_err("fdatasync", &path))?;

@@ -832,3 +832,81 @@ fn repair_only_rows_do_not_stop_the_logging() {
     assert_eq!(resync_rows(dir.path()).len(), 3);
     wal.close().unwrap();
 }
+
+/// Whether any extent of the file is still "unwritten" (FIEMAP); `None` when
+/// the file system cannot tell.
+fn has_unwritten_extents(path: &Path) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
+    const EXTENTS: usize = 64;
+    // struct fiemap (32 bytes) followed by EXTENTS struct fiemap_extent (56 bytes).
+    let mut buf = vec![0u64; (32 + 56 * EXTENTS) / 8];
+    buf[1] = u64::MAX; // fm_length
+    buf[3] = EXTENTS as u64; // fm_extent_count (low half), fm_reserved 0
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: the buffer is as large as the extent count says.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP as _, buf.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    let mapped = (buf[2] >> 32) as usize;
+    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), buf.len() * 8) };
+    Some((0..mapped.min(EXTENTS)).any(|i| {
+        let at = 32 + 56 * i + 40;
+        u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap()) & FIEMAP_EXTENT_UNWRITTEN != 0
+    }))
+}
+
+#[test]
+fn zero_fill_policy_follows_the_fill_rate() {
+    let mut c = cfg(Durability::Batch);
+    c.segment_size = 64 << 20;
+    assert!(c.zero_fill_after(Duration::from_secs(2)), "32 MiB/s: slow");
+    assert!(
+        !c.zero_fill_after(Duration::from_millis(100)),
+        "640 MiB/s: streaming"
+    );
+    c.zero_fill = crate::config::ZeroFill::Always;
+    assert!(c.zero_fill_after(Duration::ZERO));
+    c.zero_fill = crate::config::ZeroFill::Never;
+    assert!(!c.zero_fill_after(Duration::from_secs(3600)));
+}
+
+#[test]
+fn spares_are_zero_filled_or_preallocated_as_configured_and_records_roll_into_both() {
+    use crate::config::ZeroFill;
+    for (mode, unwritten) in [(ZeroFill::Always, false), (ZeroFill::Never, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(Durability::Batch);
+        c.zero_fill = mode;
+        let (wal, _) = open(dir.path(), &c);
+        let spare = dir.path().join("wal").join(segment::SPARE_NAME);
+        wait_for("a spare", || {
+            spare.exists() && wal.inner.shared.spare.lock().is_some()
+        });
+        let len = std::fs::metadata(&spare).unwrap().len();
+        assert_eq!(len, c.segment_size);
+        let data = std::fs::read(&spare).unwrap();
+        assert!(
+            data.iter().all(|&b| b == 0),
+            "{mode:?}: a spare is all zeros"
+        );
+        if let Some(u) = has_unwritten_extents(&spare) {
+            assert_eq!(u, unwritten, "{mode:?}: unwritten extents");
+        }
+        // Roll into the spare and beyond; every record reads back after a reopen.
+        let per = 200 << 10;
+        let n = 2 * c.segment_size / per as u64 + 2;
+        for i in 0..n {
+            wal.append(&write_op(i, per)).unwrap();
+        }
+        wal.sync(wal.head_lsn()).unwrap();
+        drop(wal);
+        let (wal, rep) = open(dir.path(), &c);
+        assert_eq!(rep.head_lsn, n);
+        assert!(seg_paths(dir.path()).len() >= 3, "{mode:?}: rolled twice");
+        assert_eq!(all_records(dir.path()).len() as u64, n);
+        drop(wal);
+    }
+}
