@@ -190,8 +190,8 @@ pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
 
 /// Creates `wal_dir/spare.tmp` holding `size` bytes of zeros. Preallocated
 /// (`fallocate`: instant, but the extents stay "unwritten", so every later
-/// fdatasync of a record in them also commits the extent conversion to the
-/// file system's journal), or with `zero_fill` written out as zeros and
+/// fdatasync of a record in them also writes the extent conversion: a
+/// journal commit, or the inode and extent blocks), or with `zero_fill` written out as zeros and
 /// flushed here, off the write path, so a later fdatasync only flushes data.
 /// On failure the partial file is removed so it holds no space.
 pub fn create_spare(wal_dir: &Path, size: u64, zero_fill: bool) -> Result<File, WalError> {

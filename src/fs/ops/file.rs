@@ -167,7 +167,7 @@ impl Core {
     /// fsync/fdatasync: the backing file and every WAL record of this inode
     /// up to now are durable when this returns. The WAL's fdatasync runs on
     /// its commit thread while this one flushes the backing file: the two
-    /// flushes overlap (and may share one journal commit) instead of adding up.
+    /// flushes overlap instead of adding up.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Res<()> {
         let h = self.handle(fh)?;
         let lsn = h.node.last_lsn.load(Ordering::Acquire);
