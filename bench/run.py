@@ -242,7 +242,9 @@ def settle(seconds):
     when it allocates an inode, every inode deleted less than 5 s ago (300 s
     while its inode-table block is still dirty): creates right after the other
     side's `rm -r` ran up to 4x slower (perf: `recently_deleted` under
-    `ext4_create`), which penalised whichever side came second."""
+    `ext4_create`), which penalised whichever side came second. Inodes next
+    to new ones stay in the longer window (their block is dirtied again), so
+    the sides also alternate in order."""
     os.sync()
     time.sleep(seconds)
 
@@ -628,7 +630,10 @@ def main():
 
     results = {}  # workload -> {"native": [...], "replfs": [...]}
     for r in range(reps if "local" in only else 0):
-        for side, base in (("native", native), ("replfs", rf.mnt)):
+        # Alternate which side goes first, so order effects (the page cache,
+        # ext4's recently-deleted inodes: see settle) fall on both alike.
+        sides = (("native", native), ("replfs", rf.mnt))
+        for side, base in sides if r % 2 == 0 else sides[::-1]:
             d = os.path.join(base, f"run{r}")
             os.makedirs(d)
             log(f"repeat {r + 1}/{reps}: {side}: fio")
