@@ -204,7 +204,7 @@ pub fn create_spare(wal_dir: &Path, size: u64, zero_fill: bool) -> Result<File, 
         .open(&path)
         .map_err(io_err("create", &path))?;
     let made = if zero_fill {
-        write_zeros(&file, size).and_then(|()| file.sync_data())
+        write_zeros(&file, 0, size).and_then(|()| file.sync_data())
     } else {
         preallocate(&file, size)
     };
@@ -215,12 +215,12 @@ pub fn create_spare(wal_dir: &Path, size: u64, zero_fill: bool) -> Result<File, 
     Ok(file)
 }
 
-/// Writes `len` bytes of zeros from offset 0.
-fn write_zeros(file: &File, len: u64) -> io::Result<()> {
+/// Writes zeros over `[from, to)`.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
     let zeros = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(zeros.len() as u64) as usize;
+    let mut off = from;
+    while off < to {
+        let n = (to - off).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], off)?;
         off += n as u64;
     }
@@ -253,17 +253,9 @@ pub fn fsync_dir(dir: &Path) -> Result<(), WalError> {
 
 /// Writes zeros over `[from, to)` and makes them durable (cutting a torn tail).
 pub fn zero_range(file: &File, path: &Path, from: u64, to: u64) -> Result<(), WalError> {
-    let zeros = vec![0u8; 1 << 20];
-    let mut off = from;
-    while off < to {
-        let n = (to - off).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], off)
-            .map_err(io_err("zero torn tail", path))?;
-        off += n as u64;
-    }
+    write_zeros(file, from, to).map_err(io_err("zero torn tail", path))?;
     file.sync_data().map_err(io_err("fdatasync", path))
 }
-
 /// Opens a segment for reading and appending.
 pub fn open_rw(path: &Path) -> Result<File, WalError> {
     OpenOptions::new()
