@@ -216,7 +216,7 @@ pub fn create_spare(wal_dir: &Path, size: u64, zero_fill: bool) -> Result<File, 
 }
 
 /// Writes zeros over `[from, to)`.
-fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+pub fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
     let zeros = vec![0u8; 1 << 20];
     let mut off = from;
     while off < to {

@@ -531,7 +531,7 @@ impl Shared {
         let spare = match slot.take() {
             Some(f) => f,
             None => self
-                .make_spare(false)
+                .make_spare()
                 .inspect_err(|e| self.note_full(&format!("cannot prepare the next segment: {e}")))
                 .map_err(|_| WalError::Full)?,
         };
@@ -571,9 +571,9 @@ impl Shared {
         Ok(())
     }
 
-    /// Creates the spare segment, within `wal.max_size` (else `Full`);
-    /// `zero_fill` only off the write path (the spare thread).
-    fn make_spare(&self, zero_fill: bool) -> Result<File, WalError> {
+    /// Creates the spare segment, preallocated, within `wal.max_size` (else
+    /// `Full`). The spare thread may then zero-fill it (`zero_fill_spare`).
+    fn make_spare(&self) -> Result<File, WalError> {
         if !self.room_for_spare() {
             return Err(WalError::Full);
         }
@@ -583,7 +583,7 @@ impl Shared {
                 libc::ENOSPC,
             )));
         }
-        let f = segment::create_spare(&self.dir, self.cfg.segment_size, zero_fill)?;
+        let f = segment::create_spare(&self.dir, self.cfg.segment_size, false)?;
         self.note_created(self.cfg.segment_size);
         Ok(f)
     }

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// Bytes of zeros written per turn of the spare lock (`zero_fill_spare`).
+const ZERO_CHUNK: u64 = 1 << 20;
+
 /// How long the commit thread sleeps when nothing is due.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
@@ -260,7 +263,7 @@ impl Shared {
             return;
         }
         *last_try = Some(Instant::now());
-        match self.make_spare(self.zero_spare.load(Relaxed)) {
+        match self.make_spare() {
             Ok(f) => {
                 *slot = Some(f);
                 drop(slot);
@@ -268,8 +271,44 @@ impl Shared {
                     log::warn!("{e}");
                 }
                 self.note_room();
+                if self.zero_spare.load(Relaxed) {
+                    self.zero_fill_spare();
+                }
             }
             Err(e) => self.note_full(&format!("cannot prepare the next segment: {e}")),
+        }
+    }
+
+    /// Writes the preallocated spare out as zeros (`wal.zero_fill`), 1 MiB at
+    /// a time under the spare lock: a roll that takes the spare meanwhile
+    /// waits for one chunk at most, and no zeros land after it took it. Then
+    /// flushes, unlocked (harmless if a roll took it meanwhile). On an error
+    /// the spare just stays preallocated: its bytes are zeros either way.
+    fn zero_fill_spare(&self) {
+        let size = self.cfg.segment_size;
+        let mut off = 0;
+        while off < size {
+            if self.spare_state.lock().stop {
+                return;
+            }
+            let slot = self.spare.lock();
+            let Some(f) = slot.as_ref() else {
+                return;
+            };
+            let end = (off + ZERO_CHUNK).min(size);
+            if let Err(e) = segment::write_zeros(f, off, end) {
+                log::warn!("cannot zero-fill the spare WAL segment ({e}); it stays preallocated");
+                return;
+            }
+            drop(slot);
+            off = end;
+        }
+        let f = match self.spare.lock().as_ref().map(File::try_clone) {
+            Some(Ok(f)) => f,
+            _ => return,
+        };
+        if let Err(e) = f.sync_data() {
+            log::warn!("cannot flush the zero-filled spare WAL segment: {e}");
         }
     }
 

@@ -885,6 +885,12 @@ fn spares_are_zero_filled_or_preallocated_as_configured_and_records_roll_into_bo
         wait_for("a spare", || {
             spare.exists() && wal.inner.shared.spare.lock().is_some()
         });
+        if !unwritten {
+            // Zero-filled after it was installed, by the spare thread.
+            wait_for("a zero-filled spare", || {
+                has_unwritten_extents(&spare) != Some(true)
+            });
+        }
         let len = std::fs::metadata(&spare).unwrap().len();
         assert_eq!(len, c.segment_size);
         let data = std::fs::read(&spare).unwrap();
@@ -895,7 +901,9 @@ fn spares_are_zero_filled_or_preallocated_as_configured_and_records_roll_into_bo
         if let Some(u) = has_unwritten_extents(&spare) {
             assert_eq!(u, unwritten, "{mode:?}: unwritten extents");
         }
-        // Roll into the spare and beyond; every record reads back after a reopen.
+        // Roll into the spare and beyond (the next spares are zero-filled
+        // while records arrive: a roll may take one mid-way); every record
+        // reads back after a reopen.
         let per = 200 << 10;
         let n = 2 * c.segment_size / per as u64 + 2;
         for i in 0..n {
