@@ -31,6 +31,7 @@ GIB = 1 << 30
 STARTED = []          # Popen objects we started (only these are ever killed)
 MOUNTS = []           # mountpoints we mounted
 SCRATCH = None
+EXTRA_DIRS = []       # scratch dirs outside SCRATCH (--state-dir)
 T_START = time.monotonic()
 
 
@@ -61,11 +62,15 @@ def free_port():
 class Replfs:
     """The mirror and the mount we started, and how to stop/restart them."""
 
-    def __init__(self, scratch):
+    def __init__(self, scratch, state_parent=None):
         self.s = scratch
         self.backing = os.path.join(scratch, "backing")
         self.mnt = os.path.join(scratch, "mnt")
-        self.state = os.path.join(scratch, "state")
+        # --state-dir: the mount's state dir (the WAL) on another file system.
+        self.state = (tempfile.mkdtemp(prefix="replfs-bench-state.", dir=state_parent)
+                      if state_parent else os.path.join(scratch, "state"))
+        if state_parent:
+            EXTRA_DIRS.append(self.state)
         self.mirror_dir = os.path.join(scratch, "mirror")
         self.mstate = os.path.join(scratch, "mirror-state")
         self.key = os.path.join(scratch, "key")
@@ -189,6 +194,8 @@ def cleanup():
             log(f"stop pid {p.pid}: {e}")
     if SCRATCH and os.path.isdir(SCRATCH) and not ARGS.keep:
         shutil.rmtree(SCRATCH, ignore_errors=True)
+    for d in EXTRA_DIRS if not ARGS.keep else []:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- workloads
@@ -573,6 +580,9 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (debugging)")
     ap.add_argument("--json", metavar="FILE", help="also write all figures as JSON here")
     ap.add_argument("--config", metavar="FILE", help="config file for `replfs mount` (e.g. writeback_cache)")
+    ap.add_argument("--state-dir", metavar="DIR",
+                    help="put the mount's state dir (the WAL) in a new dir under DIR, e.g. on another "
+                         "device (or /dev/shm, tmpfs: an upper bound, not durable)")
     ap.add_argument("--only", metavar="GROUPS", default="local,lag,compression,backlog",
                     help="comma-separated subset of local,lag,compression,backlog (default: all)")
     ARGS = ap.parse_args()
@@ -611,6 +621,10 @@ def main():
           f"scratch={SCRATCH} fs={fstype} dev={dev} mem={os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // MIB} MiB")
     cfg_text = open(ARGS.config).read().strip().replace("\n", "; ") if ARGS.config else "defaults"
     print(f"mount config: {cfg_text}; groups: {','.join(sorted(only))}")
+    if ARGS.state_dir:
+        sfs = run(["stat", "-f", "-c", "%T", ARGS.state_dir], capture_output=True).stdout.decode().strip()
+        sdev = run(["df", "--output=source", ARGS.state_dir], capture_output=True).stdout.decode().split()[-1]
+        print(f"state dir (WAL) under {ARGS.state_dir}: fs={sfs} dev={sdev}")
     print(f"mode: {'quick' if q else 'full'}, repeats={reps}, fio {run(['fio', '--version'], capture_output=True).stdout.decode().strip()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  git: "
           + run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, check=False).stdout.decode().strip(), flush=True)
@@ -622,7 +636,7 @@ def main():
     log(f"tarball: {nfiles} files, {tbytes / MIB:.1f} MiB")
     rnd_src = random_block_file(SCRATCH, 64 * MIB)
 
-    rf = Replfs(SCRATCH)
+    rf = Replfs(SCRATCH, ARGS.state_dir)
     rf.config = os.path.abspath(ARGS.config) if ARGS.config else None
     rf.start_mirror()
     rf.start_mount()
