@@ -112,6 +112,11 @@ struct Active {
     header: SegmentHeader,
     seed: u32,
     capacity: u64,
+    /// Written out as zeros (`wal.zero_fill`): its pages must be in the page
+    /// cache before records land in them, or a record's first bytes in a page
+    /// cost a read of that page (`prefetch_active`).
+    zeroed: bool,
+    prefetched: AtomicBool,
 }
 
 /// State guarded by the append lock.
@@ -173,6 +178,8 @@ struct Shared {
     /// [`WalConfig::zero_fill`]); decided at each roll from how long the
     /// segment took to fill.
     zero_spare: AtomicBool,
+    /// The spare in the slot has been zero-filled all through.
+    spare_zeroed: AtomicBool,
     /// CRC seed of the current segment, read without the lock by `append`.
     seed: AtomicU32,
     /// The thread sleeps without a sync deadline (batch mode); see `note_append`.
@@ -481,6 +488,7 @@ impl Shared {
             fail_spare: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
             zero_spare: AtomicBool::new(cfg.zero_fill != ZeroFill::Never),
+            spare_zeroed: AtomicBool::new(false),
             seed: AtomicU32::new(seed),
             sleeping: AtomicBool::new(false),
             follower_waiting: AtomicBool::new(false),
@@ -528,6 +536,7 @@ impl Shared {
     /// Switches to the spare segment (creating one now if none is ready).
     fn roll(&self, log: &mut Log) -> Result<(), WalError> {
         let mut slot = self.spare.lock();
+        let zeroed = self.spare_zeroed.swap(false, Relaxed);
         let spare = match slot.take() {
             Some(f) => f,
             None => self
@@ -540,6 +549,7 @@ impl Shared {
             Ok(p) => p,
             Err(e) => {
                 *slot = Some(spare);
+                self.spare_zeroed.store(zeroed, Relaxed);
                 return Err(e);
             }
         };
@@ -556,6 +566,8 @@ impl Shared {
             header,
             seed,
             capacity: self.cfg.segment_size,
+            zeroed,
+            prefetched: AtomicBool::new(false),
         });
         self.seed.store(seed, Relaxed);
         let old = std::mem::replace(&mut log.seg, new);

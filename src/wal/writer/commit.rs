@@ -241,6 +241,7 @@ impl Shared {
     /// Also forgets dirty paths the shipper repaired and resumes paused
     /// logging (`resync` policy) once there is room again.
     fn maintain(&self, last_try: &mut Option<Instant>) {
+        self.prefetch_active();
         self.flush_rows();
         self.prune_dirty();
         self.maintain_spare(last_try);
@@ -300,6 +301,9 @@ impl Shared {
                 log::warn!("cannot zero-fill the spare WAL segment ({e}); it stays preallocated");
                 return;
             }
+            if end == size {
+                self.spare_zeroed.store(true, Relaxed);
+            }
             drop(slot);
             off = end;
         }
@@ -309,6 +313,28 @@ impl Shared {
         };
         if let Err(e) = f.sync_data() {
             log::warn!("cannot flush the zero-filled spare WAL segment: {e}");
+        }
+    }
+
+    /// After a roll into a zero-filled segment: asks the kernel to read it
+    /// into the page cache now, in the background, in large requests. A
+    /// record that starts a page of written extents not in the cache would
+    /// otherwise wait for that page's read (preallocated extents read as
+    /// zeros without I/O, so they need none of this).
+    fn prefetch_active(&self) {
+        let seg = self.log.lock().seg.clone();
+        if !seg.zeroed || seg.prefetched.swap(true, Relaxed) {
+            return;
+        }
+        let len = libc::off_t::try_from(seg.capacity).unwrap_or(libc::off_t::MAX);
+        // SAFETY: plain syscall on a file descriptor we own.
+        let r =
+            unsafe { libc::posix_fadvise(seg.file.as_raw_fd(), 0, len, libc::POSIX_FADV_WILLNEED) };
+        if r != 0 {
+            log::debug!(
+                "posix_fadvise(WILLNEED) on {}: errno {r}",
+                seg.path.display()
+            );
         }
     }
 

@@ -89,6 +89,8 @@ fn reopen_last(
         header,
         seed,
         capacity,
+        zeroed: false,
+        prefetched: AtomicBool::new(false),
     };
     Ok((seg, last.bytes_used, last.last_lsn + 1))
 }
@@ -113,6 +115,9 @@ fn create_first(
         header,
         seed,
         capacity: cfg.segment_size,
+        // Just written: its pages are in the page cache.
+        zeroed: false,
+        prefetched: AtomicBool::new(false),
     };
     cat.put_segment(&row_of(&seg, None, HEADER_LEN))?;
     Ok((seg, HEADER_LEN, 1))

@@ -918,3 +918,60 @@ fn spares_are_zero_filled_or_preallocated_as_configured_and_records_roll_into_bo
         drop(wal);
     }
 }
+
+/// Fraction of the file's pages in the page cache (mincore).
+fn resident_fraction(path: &Path) -> f64 {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let page = 4096;
+    // SAFETY: a read-only shared mapping of a file we keep open meanwhile.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: `vec` has one byte per page of the mapping.
+    let r = unsafe { libc::mincore(p, len, vec.as_mut_ptr()) };
+    unsafe { libc::munmap(p, len) };
+    assert_eq!(r, 0);
+    vec.iter().filter(|&&b| b & 1 != 0).count() as f64 / vec.len() as f64
+}
+
+#[test]
+fn a_zero_filled_segment_is_read_into_the_page_cache_when_records_start_using_it() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(Durability::Batch);
+    c.zero_fill = crate::config::ZeroFill::Always;
+    let (wal, _) = open(dir.path(), &c);
+    let spare = dir.path().join("wal").join(segment::SPARE_NAME);
+    wait_for("a zero-filled spare", || {
+        wal.inner.shared.spare_zeroed.load(Relaxed)
+    });
+    // Evict the spare's (clean, once flushed) pages, as memory pressure would.
+    let f = std::fs::File::open(&spare).unwrap();
+    f.sync_data().unwrap();
+    // SAFETY: plain syscall on a file descriptor we own.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let evicted = resident_fraction(&spare);
+    let before = seg_paths(dir.path()).len();
+    let mut i = 0;
+    while seg_paths(dir.path()).len() == before {
+        wal.append(&write_op(i, 100 << 10)).unwrap();
+        i += 1;
+        assert!(i < 1000, "no roll");
+    }
+    let active = seg_paths(dir.path()).pop().unwrap();
+    wait_for("the active segment's pages in the cache", || {
+        resident_fraction(&active) > 0.9
+    });
+    eprintln!("resident after eviction {evicted:.2}, after the roll > 0.9");
+}
