@@ -147,15 +147,7 @@ impl ReplFs {
             (Mode::PassthroughDio, Some(b)) => {
                 reply.opened_passthrough(fh, FopenFlags::FOPEN_DIRECT_IO, b)
             }
-            _ => reply.opened(fh, self.cached_flags(&g)),
-        }
-    }
-
-    fn cached_flags(&self, g: &Granted<BackingId>) -> FopenFlags {
-        if g.keep_cache {
-            self.file_open
-        } else {
-            self.file_open - FopenFlags::FOPEN_KEEP_CACHE
+            _ => reply.opened(fh, self.file_open),
         }
     }
 

@@ -25,10 +25,17 @@
 //! The backing id is held while passthrough opens of the inode exist (the
 //! kernel wants the same backing file for all of them).
 //!
+//! Page cache: passthrough opens are replied without FOPEN_KEEP_CACHE, so
+//! the kernel drops the inode's FUSE page cache when the first one opens,
+//! and no cached open can fill it again while the inode is in passthrough
+//! mode; cached opens after it read what was written meanwhile (the
+//! daemon's writes and stores through a mapping of BACKING land in
+//! BACKING's page cache, which passthrough reads read).
+//!
 //! Generic over the backing id so that the rules are testable without a
 //! kernel; `fuse.rs` uses it with `fuser::BackingId`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -50,10 +57,6 @@ pub struct Granted<B> {
     pub mode: Mode,
     /// The backing id to reply with (passthrough modes).
     pub backing: Option<Arc<B>>,
-    /// Cached opens only: the kernel may keep the file's page cache
-    /// (FOPEN_KEEP_CACHE). False once after writes in passthrough mode,
-    /// which went around the FUSE page cache.
-    pub keep_cache: bool,
     /// The first PassthroughDio open of the inode (now the only one).
     pub first_dio: bool,
     /// Registering the backing file failed: the open is cached instead.
@@ -73,9 +76,6 @@ struct Inner<B> {
     inodes: HashMap<u64, State<B>>,
     /// fh -> (ino, mode) of every counted open.
     opens: HashMap<u64, (u64, Mode)>,
-    /// Inodes written (through PassthroughDio opens) while in passthrough
-    /// mode since their last cached open.
-    stale: HashSet<u64>,
 }
 
 pub struct IoModes<B> {
@@ -88,7 +88,6 @@ impl<B> Default for IoModes<B> {
             inner: Mutex::new(Inner {
                 inodes: HashMap::new(),
                 opens: HashMap::new(),
-                stale: HashSet::new(),
             }),
         }
     }
@@ -119,14 +118,12 @@ impl<B> IoModes<B> {
         let granted = |mode, backing, first_dio| Granted {
             mode,
             backing,
-            keep_cache: true,
             first_dio,
             backing_error: None,
         };
         let mut r = if st.passthrough > 0 && !read_only {
             st.passthrough += 1;
             st.dio += 1;
-            inner.stale.insert(ino);
             granted(Mode::PassthroughDio, st.backing.clone(), st.dio == 1)
         } else if read_only && st.cached == 0 && (st.passthrough > 0 || new_passthrough) {
             let backing = match &st.backing {
@@ -149,9 +146,6 @@ impl<B> IoModes<B> {
             st.cached += 1;
             granted(Mode::Cached, None, false)
         };
-        if r.mode == Mode::Cached && inner.stale.remove(&ino) {
-            r.keep_cache = false;
-        }
         r.backing_error = backing_error;
         inner.opens.insert(fh, (ino, r.mode));
         r
@@ -277,11 +271,8 @@ mod tests {
         }
         drop((w, w2));
         assert_eq!(ALIVE.load(Ordering::SeqCst), 0);
-        // Written in passthrough mode: the next cached open drops the cache, once.
-        let c = m.open(1, 7, false, true, reg(&ALIVE));
-        assert_eq!((c.mode, c.keep_cache), (Mode::Cached, false));
-        let c = m.open(1, 8, false, true, reg(&ALIVE));
-        assert_eq!((c.mode, c.keep_cache), (Mode::Cached, true));
+        assert_eq!(m.counts(1), (0, 0, 0));
+        assert_eq!(m.open(1, 7, false, true, reg(&ALIVE)).mode, Mode::Cached);
     }
 
     #[test]
