@@ -50,6 +50,11 @@ pub struct ReplFs {
 
 impl ReplFs {
     pub fn new(core: Arc<Core>, cfg: &MountConfig) -> ReplFs {
+        *core.stats.passthrough.lock() = if cfg.passthrough {
+            "not negotiated yet".into()
+        } else {
+            "off (mount.passthrough = false)".into()
+        };
         let ttl = cfg.attr_timeout;
         let (file_open, dir_open) = if ttl.is_zero() {
             (FopenFlags::empty(), FopenFlags::empty())
@@ -131,7 +136,7 @@ impl ReplFs {
                     ""
                 }
             );
-            self.set_passthrough_state(format!("off: the kernel refused a backing file: {e}"));
+            self.set_passthrough_state(format!("off (the kernel refused a backing file: {e})"));
         } else if !permanent {
             debug!("passthrough: inode {ino}: backing file refused ({e}); cached open");
         }
@@ -474,6 +479,8 @@ impl Filesystem for ReplFs {
             self.core.stats.cached_opens.fetch_add(1, Ordering::Relaxed);
             return reply.opened(FileHandle(fh), self.file_open);
         }
+        // OPEN comes for regular files only (the kernel opens device
+        // nodes and FIFOs itself).
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
         let g = self.io_open(ino.0, fh, read_only, |fd| reply.open_backing(fd));
         self.reply_open(reply, fh, g);
@@ -529,7 +536,7 @@ impl Filesystem for ReplFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -539,7 +546,7 @@ impl Filesystem for ReplFs {
         if self.passthrough && self.io.release(fh.0) == Some(Mode::PassthroughDio) {
             // Its mmap mapped BACKING itself: look for unlogged changes.
             if let Err(e) = self.core.check_unlogged(fh.0) {
-                warn!("passthrough: release of inode {}: {e}", _ino.0);
+                warn!("passthrough: release of inode {}: {e}", ino.0);
             }
         }
         self.core.release(fh.0);
