@@ -393,6 +393,37 @@ fn writes_while_a_passthrough_open_exists_are_logged_and_replicated() {
         let st = mount_stats(&p.rig.state);
         assert!(st["passthrough_dio_opens"].as_u64().unwrap() >= 200, "{st}");
     }
+
+    // FUSE_HANDLE_KILLPRIV_V2 through a direct-I/O passthrough open: an
+    // unprivileged writer clears suid and sgid (group-executable), and the
+    // new mode is logged like the write.
+    fs::set_permissions(p.rig.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(mnt.join("suid"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(mnt.join("suid"), fs::Permissions::from_mode(0o6777)).unwrap();
+    let r = ro(&mnt.join("suid"));
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "printf 'exit 0\\n' >> '{}'",
+            mnt.join("suid").display()
+        ))
+        .output()
+        .expect("run setpriv");
+    assert!(
+        out.status.success(),
+        "unprivileged append: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(r);
+    let mode = fs::metadata(mnt.join("suid")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o777, "suid and sgid cleared: {mode:o}");
+    assert_eq!(fs::read(mnt.join("suid")).unwrap(), b"#!/bin/sh\nexit 0\n");
     converge(&p);
     verify_identical(&p.rig.state);
     m.unmount();
