@@ -134,6 +134,13 @@ class Replfs:
         except ValueError:
             return None
 
+    def settle(self):
+        """--settle: let the shipper and the mirror finish (lag 0) so that
+        read workloads do not share the 2 cores with replication."""
+        t = self.wait_drained(300)
+        log(f"settle: replication idle after {t:.1f} s" if t is not None
+            else "settle: lag not 0 after 300 s, measuring anyway")
+
     def wait_drained(self, timeout):
         """Seconds until status shows lag_records 0 (None on timeout)."""
         t0 = time.monotonic()
@@ -205,11 +212,13 @@ def pct(lat, p="99.000000"):
     return (lat or {}).get("percentile", {}).get(p)
 
 
-def wl_fio(d, sz):
-    """All fio workloads in one target dir; returns {workload: value}."""
+def wl_fio(d, sz, settle=lambda: None):
+    """All fio workloads in one target dir; returns {workload: value}.
+    `settle` runs before each read workload (--settle: replication idle)."""
     res = {}
     j = fio("seq", d, ["--rw=write", "--bs=1M", f"--size={sz['seq']}", "--end_fsync=1"])
     res["seq write 1M +fsync (MiB/s)"] = j["write"]["bw_bytes"] / MIB
+    settle()
     drop_caches()
     j = fio("seq", d, ["--rw=read", "--bs=1M", f"--size={sz['seq']}"])
     res["seq read 1M cold (MiB/s)"] = j["read"]["bw_bytes"] / MIB
@@ -219,6 +228,7 @@ def wl_fio(d, sz):
     j = fio("seq", d, ["--rw=randwrite", "--bs=4k", f"--size={sz['rand']}",
                        f"--runtime={sz['rt']}", "--randrepeat=1"])
     res["4k randwrite buffered (MiB/s)"] = j["write"]["bw_bytes"] / MIB
+    settle()
     j = fio("seq", d, ["--rw=randread", "--bs=4k", f"--size={sz['rand']}",
                        f"--runtime={sz['rt']}", "--randrepeat=1", "--invalidate=0"])
     res["4k randread warm (MiB/s)"] = j["read"]["bw_bytes"] / MIB
@@ -559,6 +569,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (debugging)")
     ap.add_argument("--json", metavar="FILE", help="also write all figures as JSON here")
+    ap.add_argument("--settle", action="store_true",
+                    help="before each fio read workload on the mount, wait until the mirror has "
+                         "caught up (lag 0): reads measured without replication running beside them")
     ap.add_argument("--config", metavar="FILE", help="config file for `replfs mount` (e.g. writeback_cache)")
     ap.add_argument("--only", metavar="GROUPS", default="local,lag,compression,backlog",
                     help="comma-separated subset of local,lag,compression,backlog (default: all)")
@@ -596,7 +609,8 @@ def main():
     print(f"machine: nproc={os.cpu_count()} kernel={platform.release()} "
           f"scratch={SCRATCH} fs={fstype} dev={dev} mem={os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // MIB} MiB")
     cfg_text = open(ARGS.config).read().strip().replace("\n", "; ") if ARGS.config else "defaults"
-    print(f"mount config: {cfg_text}; groups: {','.join(sorted(only))}")
+    print(f"mount config: {cfg_text}; groups: {','.join(sorted(only))}"
+          + ("; settle: reads wait for lag 0" if ARGS.settle else ""))
     print(f"mode: {'quick' if q else 'full'}, repeats={reps}, fio {run(['fio', '--version'], capture_output=True).stdout.decode().strip()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  git: "
           + run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, check=False).stdout.decode().strip(), flush=True)
@@ -620,7 +634,8 @@ def main():
             d = os.path.join(base, f"run{r}")
             os.makedirs(d)
             log(f"repeat {r + 1}/{reps}: {side}: fio")
-            figs = wl_fio(d, sz)
+            settle = (lambda: None) if side == "native" or not ARGS.settle else rf.settle
+            figs = wl_fio(d, sz, settle)
             log(f"repeat {r + 1}/{reps}: {side}: small files")
             figs.update(wl_small(d, sz["small"], sz["small_sync"]))
             log(f"repeat {r + 1}/{reps}: {side}: build-like")
