@@ -139,6 +139,13 @@ class Replfs:
         except ValueError:
             return None
 
+    def settle(self):
+        """--settle: let the shipper and the mirror finish (lag 0) so that
+        read workloads do not share the 2 cores with replication."""
+        t = self.wait_drained(300)
+        log(f"settle: replication idle after {t:.1f} s" if t is not None
+            else "settle: lag not 0 after 300 s, measuring anyway")
+
     def wait_drained(self, timeout):
         """Seconds until status shows lag_records 0 (None on timeout)."""
         t0 = time.monotonic()
@@ -212,11 +219,13 @@ def pct(lat, p="99.000000"):
     return (lat or {}).get("percentile", {}).get(p)
 
 
-def wl_fio(d, sz):
-    """All fio workloads in one target dir; returns {workload: value}."""
+def wl_fio(d, sz, settle=lambda: None):
+    """All fio workloads in one target dir; returns {workload: value}.
+    `settle` runs before each read workload (--settle: replication idle)."""
     res = {}
     j = fio("seq", d, ["--rw=write", "--bs=1M", f"--size={sz['seq']}", "--end_fsync=1"])
     res["seq write 1M +fsync (MiB/s)"] = j["write"]["bw_bytes"] / MIB
+    settle()
     drop_caches()
     j = fio("seq", d, ["--rw=read", "--bs=1M", f"--size={sz['seq']}"])
     res["seq read 1M cold (MiB/s)"] = j["read"]["bw_bytes"] / MIB
@@ -226,6 +235,7 @@ def wl_fio(d, sz):
     j = fio("seq", d, ["--rw=randwrite", "--bs=4k", f"--size={sz['rand']}",
                        f"--runtime={sz['rt']}", "--randrepeat=1"])
     res["4k randwrite buffered (MiB/s)"] = j["write"]["bw_bytes"] / MIB
+    settle()
     j = fio("seq", d, ["--rw=randread", "--bs=4k", f"--size={sz['rand']}",
                        f"--runtime={sz['rt']}", "--randrepeat=1", "--invalidate=0"])
     res["4k randread warm (MiB/s)"] = j["read"]["bw_bytes"] / MIB
@@ -243,7 +253,7 @@ def wl_fio(d, sz):
     return res
 
 
-def settle(seconds):
+def settle_inodes(seconds):
     """Before a create-heavy step: write back and wait out ext4's
     recently-deleted window. ext4 without a journal (this machine's) skips,
     when it allocates an inode, every inode deleted less than 5 s ago (300 s
@@ -579,6 +589,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (debugging)")
     ap.add_argument("--json", metavar="FILE", help="also write all figures as JSON here")
+    ap.add_argument("--settle", action="store_true",
+                    help="before each fio read workload on the mount, wait until the mirror has "
+                         "caught up (lag 0): reads measured without replication running beside them")
     ap.add_argument("--config", metavar="FILE", help="config file for `replfs mount` (e.g. writeback_cache)")
     ap.add_argument("--state-dir", metavar="DIR",
                     help="put the mount's state dir (the WAL) in a new dir under DIR, e.g. on another "
@@ -600,7 +613,7 @@ def main():
         "load": 2 * MIB if q else 4 * MIB,
         "compress": (16 if q else 64) * MIB,
         "backlog": (128 * MIB) if q else 2 * GIB,
-        "settle": 0.5 if q else 6.0,
+        "inode_settle": 0.5 if q else 6.0,
     }
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root (drop_caches, FUSE mounts)")
@@ -620,7 +633,8 @@ def main():
     print(f"machine: nproc={os.cpu_count()} kernel={platform.release()} "
           f"scratch={SCRATCH} fs={fstype} dev={dev} mem={os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // MIB} MiB")
     cfg_text = open(ARGS.config).read().strip().replace("\n", "; ") if ARGS.config else "defaults"
-    print(f"mount config: {cfg_text}; groups: {','.join(sorted(only))}")
+    print(f"mount config: {cfg_text}; groups: {','.join(sorted(only))}"
+          + ("; settle: reads wait for lag 0" if ARGS.settle else ""))
     if ARGS.state_dir:
         sfs = run(["stat", "-f", "-c", "%T", ARGS.state_dir], capture_output=True).stdout.decode().strip()
         sdev = run(["df", "--output=source", ARGS.state_dir], capture_output=True).stdout.decode().split()[-1]
@@ -645,18 +659,19 @@ def main():
     results = {}  # workload -> {"native": [...], "replfs": [...]}
     for r in range(reps if "local" in only else 0):
         # Alternate which side goes first, so order effects (the page cache,
-        # ext4's recently-deleted inodes: see settle) fall on both alike.
+        # ext4's recently-deleted inodes: see settle_inodes) fall on both alike.
         sides = (("native", native), ("replfs", rf.mnt))
         for side, base in sides if r % 2 == 0 else sides[::-1]:
             d = os.path.join(base, f"run{r}")
             os.makedirs(d)
             log(f"repeat {r + 1}/{reps}: {side}: fio")
-            figs = wl_fio(d, sz)
+            wait_lag = (lambda: None) if side == "native" or not ARGS.settle else rf.settle
+            figs = wl_fio(d, sz, wait_lag)
             log(f"repeat {r + 1}/{reps}: {side}: small files")
-            settle(sz["settle"])
+            settle_inodes(sz["inode_settle"])
             figs.update(wl_small(d, sz["small"], sz["small_sync"]))
             log(f"repeat {r + 1}/{reps}: {side}: build-like")
-            settle(sz["settle"])
+            settle_inodes(sz["inode_settle"])
             figs.update(wl_build(d, tarball))
             os.rmdir(d)
             for k, v in figs.items():

@@ -139,6 +139,15 @@ pub struct MountConfig {
     /// reported by close/fsync rather than by write, and SEEK_DATA/SEEK_HOLE
     /// do not see data not yet written back. Off by default.
     pub writeback_cache: bool,
+    /// Kernel FUSE passthrough for read-only opens of regular files: the
+    /// kernel reads the backing file itself, the daemon only sees the open
+    /// and the release. Writes always go through the daemon (and the WAL):
+    /// a writable open while read-only passthrough opens of the same file
+    /// exist is a passthrough open in direct-I/O mode (its reads and writes
+    /// reach the daemon; see docs/operations.md for shared writable mmap).
+    /// Needs root and a kernel with CONFIG_FUSE_PASSTHROUGH (6.9+); the
+    /// kernel refuses it together with the writeback cache, which then wins.
+    pub passthrough: bool,
 }
 
 impl Default for MountConfig {
@@ -148,6 +157,7 @@ impl Default for MountConfig {
             attr_timeout: Duration::from_secs(60),
             allow_other: true,
             writeback_cache: false,
+            passthrough: true,
         }
     }
 }
@@ -410,5 +420,13 @@ mod tests {
         assert!(format!("{err:#}").contains("writeback_cache"), "{err:#}");
         let c = Config::parse("[mount]\nwriteback_cache = true\n").unwrap();
         assert!(c.mount.writeback_cache);
+        assert!(
+            c.mount.passthrough,
+            "on by default; the writeback cache wins at init"
+        );
+        let c = Config::parse("[mount]\npassthrough = false\n").unwrap();
+        assert!(!c.mount.passthrough);
+        let err = Config::parse("[mount]\npassthrough = \"yes\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("passthrough"), "{err:#}");
     }
 }

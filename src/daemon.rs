@@ -15,6 +15,14 @@ use crate::ship::throttle::{SystemClock, Throttle};
 use crate::ship::{ShipArgs, Shipper, Target};
 use crate::wal::{Lsn, Wal};
 
+/// What a `replfs mount` adds to the services (`replfs ship` has none).
+pub struct MountSide<'a> {
+    /// BACKING, for syncs (read directly, never through the mount).
+    pub backing: &'a Path,
+    /// The mount's counters, shown by `replfs status`.
+    pub stats: Arc<crate::status::MountStats>,
+}
+
 pub struct Services {
     shipper: Option<Shipper>,
     monitor: Monitor,
@@ -33,8 +41,12 @@ impl Services {
         config_path: Option<PathBuf>,
         target: Option<Target>,
         drain: bool,
-        backing: Option<&Path>,
+        mount: Option<MountSide<'_>>,
     ) -> Result<Services> {
+        let (backing, mount) = match mount {
+            Some(m) => (Some(m.backing), Some(m.stats)),
+            None => (None, None),
+        };
         let throttle = Arc::new(Throttle::new(&config.throttle, Arc::new(SystemClock)));
         let mirror = target.as_ref().map(|t| t.addr.clone());
         // Opened now, before a mount in place covers it: syncs read the
@@ -67,6 +79,7 @@ impl Services {
             volume: config.ship.volume.clone(),
             rpo: config.ship.rpo,
             rpo_hook: config.ship.rpo_hook.clone(),
+            mount,
         })?;
         let control = ControlServer::start(state, monitor.handler())?;
         Ok(Services {

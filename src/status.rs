@@ -61,6 +61,52 @@ pub struct Status {
     pub wire_bytes: u64,
     #[serde(default)]
     pub raw_bytes: u64,
+    /// The FUSE mount's own figures (`null` for `replfs ship` and offline).
+    #[serde(default)]
+    pub mount: Option<MountView>,
+}
+
+/// Counters of the FUSE mount, shared by the fuser adapter, the core and the
+/// status monitor.
+#[derive(Debug, Default)]
+pub struct MountStats {
+    /// READ requests the daemon served (reads of passthrough opens never
+    /// reach it: the kernel reads the backing file itself).
+    pub read_requests: std::sync::atomic::AtomicU64,
+    pub read_bytes: std::sync::atomic::AtomicU64,
+    /// Opens by mode: kernel passthrough (read-only), passthrough with
+    /// direct I/O (writable while passthrough opens exist: reads and writes
+    /// reach the daemon), cached (through the daemon and the page cache).
+    pub passthrough_opens: std::sync::atomic::AtomicU64,
+    pub passthrough_dio_opens: std::sync::atomic::AtomicU64,
+    pub cached_opens: std::sync::atomic::AtomicU64,
+    /// Whether passthrough is in force, and why not ("off: ...").
+    pub passthrough: parking_lot::Mutex<String>,
+}
+
+/// What `status --json` shows of [`MountStats`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MountView {
+    pub passthrough: String,
+    pub read_requests: u64,
+    pub read_bytes: u64,
+    pub passthrough_opens: u64,
+    pub passthrough_dio_opens: u64,
+    pub cached_opens: u64,
+}
+
+impl MountStats {
+    pub fn view(&self) -> MountView {
+        use std::sync::atomic::Ordering::Relaxed;
+        MountView {
+            passthrough: self.passthrough.lock().clone(),
+            read_requests: self.read_requests.load(Relaxed),
+            read_bytes: self.read_bytes.load(Relaxed),
+            passthrough_opens: self.passthrough_opens.load(Relaxed),
+            passthrough_dio_opens: self.passthrough_dio_opens.load(Relaxed),
+            cached_opens: self.cached_opens.load(Relaxed),
+        }
+    }
 }
 
 /// Finds the oldest unacknowledged record and the WAL bytes from it to the
@@ -316,6 +362,19 @@ pub fn render(st: &Status) -> String {
         out.push((
             "coalesced",
             format!("{} records left out of batches", st.coalesced_records),
+        ));
+    }
+    if let Some(m) = &st.mount {
+        out.push((
+            "passthrough",
+            format!(
+                "{} ({} read-only passthrough, {} direct-I/O, {} cached opens; {} READs served)",
+                m.passthrough,
+                m.passthrough_opens,
+                m.passthrough_dio_opens,
+                m.cached_opens,
+                m.read_requests
+            ),
         ));
     }
     if !st.daemon {

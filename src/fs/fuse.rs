@@ -4,18 +4,20 @@
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno as FErrno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno as FErrno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use log::{debug, info, warn};
 
 use super::error::Errno;
 use super::inodes::Inode;
+use super::iomode::{Granted, IoModes, Mode};
 use super::ops::{Caller, Core, SetAttr, TimeSet};
 use super::sys::Xattr;
 use crate::config::MountConfig;
@@ -34,10 +36,25 @@ pub struct ReplFs {
     dir_open: FopenFlags,
     /// `mount.writeback_cache`: asked of the kernel at init.
     writeback_cache: bool,
+    /// `mount.passthrough`: asked of the kernel at init (not with the
+    /// writeback cache: the kernel refuses both together).
+    want_passthrough: bool,
+    /// The kernel granted passthrough: every open of a regular file is
+    /// counted in `io` (see `iomode`).
+    passthrough: bool,
+    /// New read-only passthrough opens allowed (cleared when the kernel
+    /// refuses backing files, e.g. EPERM without CAP_SYS_ADMIN).
+    new_passthrough: AtomicBool,
+    io: IoModes<BackingId>,
 }
 
 impl ReplFs {
     pub fn new(core: Arc<Core>, cfg: &MountConfig) -> ReplFs {
+        *core.stats.passthrough.lock() = if cfg.passthrough {
+            "not negotiated yet".into()
+        } else {
+            "off (mount.passthrough = false)".into()
+        };
         let ttl = cfg.attr_timeout;
         let (file_open, dir_open) = if ttl.is_zero() {
             (FopenFlags::empty(), FopenFlags::empty())
@@ -53,6 +70,89 @@ impl ReplFs {
             file_open,
             dir_open,
             writeback_cache: cfg.writeback_cache,
+            want_passthrough: cfg.passthrough,
+            passthrough: false,
+            new_passthrough: AtomicBool::new(false),
+            io: IoModes::default(),
+        }
+    }
+
+    fn set_passthrough_state(&self, s: impl Into<String>) {
+        *self.core.stats.passthrough.lock() = s.into();
+    }
+
+    /// Decides and counts the I/O mode of a new open of a regular file
+    /// (before the reply: see `iomode`). `fh` is the daemon's open handle.
+    /// `register` makes a backing id of a descriptor (`ReplyOpen::open_backing`).
+    fn io_open(
+        &self,
+        ino: u64,
+        fh: u64,
+        read_only: bool,
+        register: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> std::io::Result<BackingId>,
+    ) -> Granted<BackingId> {
+        use std::os::fd::AsFd;
+        let new_pt = self.new_passthrough.load(Ordering::Acquire);
+        let g = self.io.open(ino, fh, read_only, new_pt, || {
+            // The kernel takes its own reference to the backing file.
+            let h = self
+                .core
+                .handle(fh)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.0))?;
+            register(h.fd.as_fd())
+        });
+        let stats = &self.core.stats;
+        match g.mode {
+            Mode::Cached => stats.cached_opens.fetch_add(1, Ordering::Relaxed),
+            Mode::Passthrough => stats.passthrough_opens.fetch_add(1, Ordering::Relaxed),
+            Mode::PassthroughDio => stats.passthrough_dio_opens.fetch_add(1, Ordering::Relaxed),
+        };
+        if g.first_dio {
+            // Baseline for `check_unlogged` at its release.
+            if let Err(e) = self.core.note_baseline(fh) {
+                warn!("passthrough: inode {ino}: cannot stat the backing file: {e}");
+            }
+        }
+        if let Some(e) = &g.backing_error {
+            self.backing_failed(ino, e);
+        }
+        g
+    }
+
+    /// The kernel refused a backing file: permanent reasons stop new
+    /// passthrough opens (already open ones keep working).
+    fn backing_failed(&self, ino: u64, e: &std::io::Error) {
+        let permanent = matches!(
+            e.raw_os_error(),
+            Some(libc::EPERM | libc::ELOOP | libc::EINVAL | libc::ENOTTY | libc::EOPNOTSUPP)
+        );
+        if permanent && self.new_passthrough.swap(false, Ordering::AcqRel) {
+            warn!(
+                "passthrough: the kernel refused a backing file ({e}); reads go through \
+                 replfs from now on{}",
+                if e.raw_os_error() == Some(libc::EPERM) {
+                    " (passthrough needs CAP_SYS_ADMIN: run the mount as root)"
+                } else {
+                    ""
+                }
+            );
+            self.set_passthrough_state(format!("off (the kernel refused a backing file: {e})"));
+        } else if !permanent {
+            debug!("passthrough: inode {ino}: backing file refused ({e}); cached open");
+        }
+    }
+
+    fn reply_open(&self, reply: ReplyOpen, fh: u64, g: Granted<BackingId>) {
+        let fh = FileHandle(fh);
+        match (g.mode, &g.backing) {
+            // FOPEN_NOFLUSH: no FLUSH at close (it does nothing here).
+            (Mode::Passthrough, Some(b)) => {
+                reply.opened_passthrough(fh, FopenFlags::FOPEN_NOFLUSH, b)
+            }
+            (Mode::PassthroughDio, Some(b)) => {
+                reply.opened_passthrough(fh, FopenFlags::FOPEN_DIRECT_IO, b)
+            }
+            _ => reply.opened(fh, self.file_open),
         }
     }
 
@@ -160,6 +260,37 @@ fn empty(reply: ReplyEmpty, r: Result<(), Errno>) {
     }
 }
 
+impl ReplFs {
+    fn init_passthrough(&mut self, config: &mut KernelConfig, asked: bool, granted: InitFlags) {
+        let state = if !self.want_passthrough {
+            "off (mount.passthrough = false)".to_string()
+        } else if !asked {
+            info!("mount.passthrough: off, the kernel refuses it with the writeback cache");
+            "off (mount.writeback_cache is on)".to_string()
+        } else if !granted.contains(InitFlags::FUSE_PASSTHROUGH) {
+            warn!(
+                "mount.passthrough: the kernel lacks FUSE_PASSTHROUGH (Linux 6.9+, \
+                 CONFIG_FUSE_PASSTHROUGH); reads go through replfs"
+            );
+            "off (the kernel lacks FUSE_PASSTHROUGH)".to_string()
+        } else if let Err(e) = config.set_max_stack_depth(1) {
+            // Cannot happen (1 is within the kernel's limit of 2).
+            warn!("mount.passthrough: max_stack_depth 1 refused ({e}); off");
+            "off (max_stack_depth refused)".to_string()
+        } else {
+            // Depth 1: BACKING must not itself be a stacking filesystem
+            // (overlayfs, another FUSE passthrough); this mount may be
+            // stacked under overlayfs. The kernel refuses a backing file
+            // on a stacked BACKING (ELOOP): then reads go through replfs.
+            info!("passthrough on: read-only opens are read by the kernel from BACKING");
+            self.passthrough = true;
+            self.new_passthrough.store(true, Ordering::Release);
+            "on".to_string()
+        };
+        self.set_passthrough_state(state);
+    }
+}
+
 impl Filesystem for ReplFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
@@ -170,6 +301,10 @@ impl Filesystem for ReplFs {
         }
         if self.writeback_cache {
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
+        }
+        let ask_passthrough = self.want_passthrough && !self.writeback_cache;
+        if ask_passthrough {
+            wanted |= InitFlags::FUSE_PASSTHROUGH;
         }
         let granted = match config.add_capabilities(wanted) {
             Ok(()) => wanted,
@@ -189,6 +324,7 @@ impl Filesystem for ReplFs {
                 );
             }
         }
+        self.init_passthrough(config, ask_passthrough, granted);
         Ok(())
     }
 
@@ -335,10 +471,19 @@ impl Filesystem for ReplFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), self.file_open),
-            Err(e) => reply.error(ferr(e)),
+        let fh = match self.core.open(ino.0, flags.0) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(ferr(e)),
+        };
+        if !self.passthrough {
+            self.core.stats.cached_opens.fetch_add(1, Ordering::Relaxed);
+            return reply.opened(FileHandle(fh), self.file_open);
         }
+        // OPEN comes for regular files only (the kernel opens device
+        // nodes and FIFOs itself).
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
+        let g = self.io_open(ino.0, fh, read_only, |fd| reply.open_backing(fd));
+        self.reply_open(reply, fh, g);
     }
 
     fn read(
@@ -391,13 +536,19 @@ impl Filesystem for ReplFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if self.passthrough && self.io.release(fh.0) == Some(Mode::PassthroughDio) {
+            // Its mmap mapped BACKING itself: look for unlogged changes.
+            if let Err(e) = self.core.check_unlogged(fh.0) {
+                warn!("passthrough: release of inode {}: {e}", ino.0);
+            }
+        }
         self.core.release(fh.0);
         reply.ok();
     }
@@ -531,13 +682,40 @@ impl Filesystem for ReplFs {
             .core
             .create(caller(req), parent.0, name, mode, umask, flags)
         {
-            Ok((node, st, fh)) => reply.created(
-                &self.ttl,
-                &file_attr(node.ino, &st),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
+            Ok((node, st, fh)) => {
+                let attr = file_attr(node.ino, &st);
+                if !self.passthrough {
+                    self.core.stats.cached_opens.fetch_add(1, Ordering::Relaxed);
+                    return reply.created(
+                        &self.ttl,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    );
+                }
+                // An existing file (O_CREAT without O_EXCL racing with its
+                // creation) may be in passthrough mode: counted like a
+                // writable open.
+                let g = self.io_open(node.ino, fh, false, |fd| reply.open_backing(fd));
+                match (g.mode, &g.backing) {
+                    (Mode::PassthroughDio, Some(b)) => reply.created_passthrough(
+                        &self.ttl,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_DIRECT_IO,
+                        b,
+                    ),
+                    _ => reply.created(
+                        &self.ttl,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    ),
+                }
+            }
             Err(e) => reply.error(ferr(e)),
         }
     }

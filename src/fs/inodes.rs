@@ -15,6 +15,13 @@ use parking_lot::Mutex;
 
 pub const ROOT_INO: u64 = 1;
 
+/// st_ctime in nanoseconds (0 before 1970).
+pub fn ctime_ns(st: &libc::stat) -> u64 {
+    (st.st_ctime.max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(st.st_ctime_nsec.max(0) as u64)
+}
+
 /// The name of a link: a parent directory and an entry name in it.
 pub type Link = (Arc<Inode>, OsString);
 
@@ -34,6 +41,10 @@ pub struct Inode {
     pub data: Mutex<()>,
     /// Highest LSN of a record that changed this inode (for fsync).
     pub last_lsn: AtomicU64,
+    /// st_ctime (ns) the last change replfs applied and logged left: a later
+    /// ctime means the inode changed behind the daemon (a shared writable
+    /// mmap of a passthrough open, see `Core::check_unlogged`).
+    pub logged_ctime: AtomicU64,
 }
 
 impl Inode {
@@ -47,6 +58,11 @@ impl Inode {
 
     pub fn is_symlink(&self) -> bool {
         self.fmt == libc::S_IFLNK
+    }
+
+    /// Remembers the ctime a change replfs applied (and logs) left.
+    pub fn note_ctime(&self, st: &libc::stat) {
+        self.logged_ctime.store(ctime_ns(st), Ordering::Release);
     }
 
     pub fn note_lsn(&self, lsn: u64) {
@@ -165,6 +181,7 @@ impl InodeTable {
             links: Mutex::new(Vec::new()),
             data: Mutex::new(()),
             last_lsn: AtomicU64::new(0),
+            logged_ctime: AtomicU64::new(0),
         });
         let mut t = Table {
             by_ino: HashMap::new(),
@@ -216,6 +233,7 @@ impl InodeTable {
                         links: Mutex::new(Vec::new()),
                         data: Mutex::new(()),
                         last_lsn: AtomicU64::new(0),
+                        logged_ctime: AtomicU64::new(0),
                     });
                     t.by_key.insert(key, ino);
                     t.by_ino.insert(ino, n.clone());

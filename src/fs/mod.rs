@@ -7,6 +7,7 @@ pub mod error;
 pub mod fuse;
 pub mod inflight;
 pub mod inodes;
+pub mod iomode;
 pub mod materialize;
 pub mod ops;
 pub mod sys;
@@ -108,7 +109,10 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
         args.config_path.clone(),
         args.target.clone(),
         false,
-        Some(&args.backing),
+        Some(crate::daemon::MountSide {
+            backing: &args.backing,
+            stats: core.stats.clone(),
+        }),
     )?;
     let mut session = match fuser::Session::new(fs, &args.mountpoint, &session_config(&args)) {
         Ok(s) => s,

@@ -32,6 +32,8 @@ pub struct Monitored {
     pub volume: String,
     pub rpo: Option<Duration>,
     pub rpo_hook: Option<String>,
+    /// The FUSE mount's counters (None for `replfs ship`).
+    pub mount: Option<Arc<status::MountStats>>,
 }
 
 pub struct Monitor {
@@ -247,6 +249,7 @@ impl Shared {
         (st.wal_disk_bytes, st.wal_segments) = status::wal_disk_use(&m.state);
         st.rpo_exceeded = m.rpo.is_some_and(|r| st.lag_seconds > r.as_secs_f64());
         st.resync_pending = catalog.resync_count()?;
+        st.mount = m.mount.as_ref().map(|s| s.view());
         Ok(st)
     }
 
@@ -268,6 +271,7 @@ impl Shared {
             (st.lag_bytes, st.lag_seconds, st.rpo_exceeded) = (0, 0.0, false);
         }
         self.fill_throttle(&mut st);
+        st.mount = self.m.mount.as_ref().map(|s| s.view());
         st
     }
 

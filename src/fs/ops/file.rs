@@ -43,6 +43,54 @@ impl Core {
         self.handles.lock().remove(&fh);
     }
 
+    /// The kernel maps the backing file itself when a passthrough open is
+    /// mmapped (`fuse.rs`): stores through a shared writable mapping of a
+    /// writable passthrough open (direct I/O) change BACKING behind replfs.
+    /// This takes the inode's ctime as the baseline when such an open
+    /// starts and no other one is open ...
+    pub fn note_baseline(&self, fh: u64) -> Res<()> {
+        let h = self.handle(fh)?;
+        let _d = h.node.data.lock();
+        h.node.note_ctime(&sys::fstat(h.fd.as_raw_fd())?);
+        Ok(())
+    }
+
+    /// ... and at its release (the kernel releases a file after its last
+    /// mapping is gone) compares: a ctime other than the one the last
+    /// logged change left means a change replfs did not see; the path is
+    /// then logged as needing resync (DESIGN.md invariant 2). Changes by
+    /// replfs that do not go through `log_node` (link, rename) make this
+    /// err on the safe side. Returns whether a resync was logged.
+    pub fn check_unlogged(&self, fh: u64) -> Res<bool> {
+        let h = self.handle(fh)?;
+        let node = &h.node;
+        let ns = self.ns.read();
+        let d = node.data.lock();
+        let st = sys::fstat(h.fd.as_raw_fd())?;
+        if crate::fs::inodes::ctime_ns(&st) == node.logged_ctime.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let Target::Log(path) = self.target(node) else {
+            return Ok(false);
+        };
+        warn!(
+            "{} changed behind replfs while open for writing in passthrough mode \
+             (a shared writable mmap); logging it as needing resync",
+            path.as_deref()
+                .map_or("a file with no known path".into(), |p| format!(
+                    "{:?}",
+                    String::from_utf8_lossy(p)
+                ))
+        );
+        let lsn = self.log_node(node, path, &st, |path| Op::Resync {
+            path,
+            reason: "changed through a shared mmap of a passthrough open".into(),
+        })?;
+        drop((d, ns));
+        self.commit(lsn)?;
+        Ok(true)
+    }
+
     /// create(2) with O_CREAT: a new file, or the existing one when it raced in
     /// (then O_TRUNC, if asked, is logged as a truncate).
     pub fn create(
@@ -101,6 +149,10 @@ impl Core {
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Res<Vec<u8>> {
         let h = self.handle(fh)?;
+        self.stats.read_requests.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .read_bytes
+            .fetch_add(u64::from(size), Ordering::Relaxed);
         match sys::pread_full(h.fd.as_raw_fd(), size as usize, off) {
             // A write-only handle the writeback cache reads through (see `open_rw`).
             Err(Errno(libc::EBADF)) if self.writeback.load(Ordering::Acquire) => {

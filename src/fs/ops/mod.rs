@@ -56,6 +56,8 @@ pub struct Core {
     crash_before_log: Option<Vec<u8>>,
     /// The kernel granted the writeback cache (`mount.writeback_cache`).
     writeback: std::sync::atomic::AtomicBool,
+    /// Counters shown by `replfs status` (READs served, opens by mode).
+    pub stats: Arc<crate::status::MountStats>,
 }
 
 /// See [`Core::new_entry`]; drop `m` before `ns` (as `drop((m, ns))`).
@@ -130,6 +132,7 @@ impl Core {
                     .map(<[u8]>::to_vec)
             }),
             writeback: std::sync::atomic::AtomicBool::new(false),
+            stats: Arc::new(crate::status::MountStats::default()),
         })
     }
 
@@ -288,6 +291,7 @@ impl Core {
         st: &libc::stat,
         make: impl FnOnce(Vec<u8>) -> Op<'a>,
     ) -> Res<u64> {
+        node.note_ctime(st);
         match path {
             Some(p) => self.log(Some(node), make(p)),
             None if st.st_nlink > 0 => {
