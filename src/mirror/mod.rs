@@ -32,6 +32,7 @@
 //! link leaves no RST): its socket is shut down, it stops between two
 //! records and persists, and the newcomer takes the volume.
 
+mod acks;
 pub mod import;
 mod server;
 mod state;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use log::{debug, info, warn};
 use parking_lot::Mutex;
 
+use super::acks::Acks;
 use super::state::MirrorDb;
 use super::volume::{BatchError, Ctx, Volume};
 use crate::proto::{self, Key, Msg, ProtoError, Role};
@@ -238,28 +239,86 @@ fn repairs_for_the_wire(paths: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     }
 }
 
-/// The message loop of an authenticated connection; `repairs_upto` is the
-/// last resync row sent in REPAIRS (cleared once a sync has ended).
-fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, mut repairs_upto: Option<i64>) {
+/// An authenticated connection: its message loop, and a persister thread
+/// that makes applied batches durable and acknowledges them (group commit,
+/// see `acks`); `repairs_upto` is the last resync row sent in REPAIRS
+/// (cleared once a sync has ended).
+fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, repairs_upto: Option<i64>) {
+    let send = Mutex::new(());
+    let acks = Acks::new(vol, s, &send);
+    std::thread::scope(|sc| {
+        let persister = std::thread::Builder::new()
+            .name("mirror-persist".into())
+            .spawn_scoped(sc, || acks.run(cx));
+        if let Err(e) = persister {
+            warn!(
+                "peer {} volume {}: cannot start a persister thread: {e}",
+                cx.peer, vol.id
+            );
+            send_error(s, "mirror out of resources");
+            return;
+        }
+        messages(vol, s, cx, repairs_upto, &acks);
+        // Whatever is still queued was persisted (or failed) on the way out.
+        let _ = acks.close();
+    });
+}
+
+/// The message loop of [`session`].
+fn messages(
+    vol: &Volume,
+    s: &TcpStream,
+    cx: &Ctx<'_>,
+    mut repairs_upto: Option<i64>,
+    acks: &Acks<'_>,
+) {
     let (peer, v) = (cx.peer, &vol.id);
     let mut rd = BufReader::with_capacity(256 << 10, s);
+    let mut buf = Vec::new();
     loop {
-        let msg = match proto::read_msg(&mut rd) {
+        let msg = match proto::read_msg_buf(&mut rd, &mut buf) {
             Ok(m) => m,
-            Err(e) => return read_failed(vol, s, cx, e),
+            Err(e) => {
+                // Batches already applied are persisted and acknowledged
+                // first (a shutdown, a shipper that hung up).
+                if let Err(why) = acks.flush() {
+                    return persist_failed(vol, s, cx, &why);
+                }
+                return read_failed(vol, s, cx, e);
+            }
         };
         cx.alive.touch();
-        let reply = match msg {
-            Msg::Batch(b) => match vol.apply_batch(&b, cx) {
-                Ok(lsn) => {
+        if let Msg::Batch(b) = &msg {
+            let (reached, result) = vol.apply_records(b, cx);
+            let ack = result.is_ok().then_some(reached.lsn);
+            let queued = acks.push(reached, ack);
+            match (result, queued) {
+                (Ok(()), Ok(())) => {
                     debug!(
-                        "peer {peer} volume {v}: batch of {} records applied, ack LSN {lsn}",
-                        b.records.len()
+                        "peer {peer} volume {v}: batch of {} records applied, ack LSN {} queued",
+                        b.records.len(),
+                        reached.lsn
                     );
-                    Msg::Ack { lsn }
+                    continue;
                 }
-                Err(e) => return batch_failed(vol, s, cx, &b, e),
-            },
+                (Ok(()), Err(why)) => return persist_failed(vol, s, cx, &why),
+                (Err(e), _) => {
+                    // The records before the failure stay applied: persisted
+                    // (no ACK) before the ERROR.
+                    let _ = acks.flush();
+                    return batch_failed(vol, s, cx, b, e);
+                }
+            }
+        }
+        if !matches!(msg, Msg::Ping | Msg::Pong) {
+            // Every other message is answered after the ACKs of the batches
+            // before it.
+            if let Err(why) = acks.flush() {
+                return persist_failed(vol, s, cx, &why);
+            }
+        }
+        let reply = match msg {
+            Msg::Batch(_) => continue,
             Msg::Ping => Msg::Pong,
             Msg::Pong => continue,
             Msg::Error { msg } => {
@@ -319,11 +378,25 @@ fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, mut repairs_upto: Option<i
                 return;
             }
         };
-        if let Err(e) = proto::write_msg(&mut &*s, &reply) {
+        let sent = {
+            let _g = acks.send.lock();
+            proto::write_msg(&mut &*s, &reply)
+        };
+        if let Err(e) = sent {
             warn!("peer {peer} volume {v}: cannot send {}: {e}", reply.name());
             return;
         }
     }
+}
+
+/// The persister could not make applied batches durable (or the volume was
+/// taken over): the connection ends without their ACKs.
+fn persist_failed(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, why: &str) {
+    warn!(
+        "peer {} volume {}: cannot persist the position: {why}; closing",
+        cx.peer, vol.id
+    );
+    send_error(s, why);
 }
 
 fn send_manifest(
