@@ -25,6 +25,13 @@ use crate::wal::Lsn;
 
 /// Most batches waiting for a persist (beyond, the connection thread waits).
 const MAX_QUEUED: usize = 4096;
+/// While more batches are already arriving, the persister lets the group
+/// grow (a syncfs per batch costs a journal commit each) until this many
+/// batch bytes are queued or the oldest has waited [`GROUP_WAIT`]. An idle
+/// link is never held up: when nothing more has arrived, what is queued is
+/// persisted at once.
+const GROUP_BYTES: u64 = 8 << 20;
+const GROUP_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Something the persister must make durable; `ack`: the ACK to send after.
 #[derive(Clone, Copy, Debug)]
@@ -36,6 +43,11 @@ struct Pending {
 #[derive(Default)]
 struct State {
     queue: VecDeque<Pending>,
+    /// Batch bytes in `queue`, and when its oldest entry was queued.
+    queued_bytes: u64,
+    oldest: Option<std::time::Instant>,
+    /// More input had arrived when the last batch was queued.
+    more: bool,
     /// The persister holds entries taken from the queue.
     busy: bool,
     closed: bool,
@@ -65,9 +77,17 @@ impl<'a> Acks<'a> {
     }
 
     /// Queues `upto` (applied) for a persist and, if `ack`, the ACK of the
-    /// batch that ended there. Err: the persister failed (its reason).
-    pub fn push(&self, upto: Applied, ack: Option<Lsn>) -> Result<(), String> {
+    /// batch of `bytes` that ended there; `more`: the next input has already
+    /// arrived (see [`GROUP_BYTES`]). Err: the persister failed (its reason).
+    pub fn push(
+        &self,
+        upto: Applied,
+        ack: Option<Lsn>,
+        bytes: u64,
+        more: bool,
+    ) -> Result<(), String> {
         let mut st = self.state.lock();
+        st.more = more;
         while st.queue.len() >= MAX_QUEUED && st.failed.is_none() {
             self.cv.wait(&mut st);
         }
@@ -75,6 +95,8 @@ impl<'a> Acks<'a> {
             return Err(f.clone());
         }
         st.queue.push_back(Pending { upto, ack });
+        st.queued_bytes += bytes;
+        st.oldest.get_or_insert_with(std::time::Instant::now);
         self.cv.notify_all();
         Ok(())
     }
@@ -82,6 +104,8 @@ impl<'a> Acks<'a> {
     /// Waits until everything queued is persisted and acknowledged.
     pub fn flush(&self) -> Result<(), String> {
         let mut st = self.state.lock();
+        st.more = false;
+        self.cv.notify_all();
         while (st.busy || !st.queue.is_empty()) && st.failed.is_none() {
             self.cv.wait(&mut st);
         }
@@ -103,13 +127,27 @@ impl<'a> Acks<'a> {
         loop {
             let taken: Vec<Pending> = {
                 let mut st = self.state.lock();
-                while st.queue.is_empty() && !st.closed && st.failed.is_none() {
-                    self.cv.wait(&mut st);
-                }
-                if st.queue.is_empty() || st.failed.is_some() {
-                    return;
+                loop {
+                    if st.failed.is_some() || (st.queue.is_empty() && st.closed) {
+                        return;
+                    }
+                    if st.queue.is_empty() {
+                        self.cv.wait(&mut st);
+                        continue;
+                    }
+                    // More is on its way: let the group grow a little.
+                    let until = st.oldest.map(|t| t + GROUP_WAIT);
+                    let grow = st.more && !st.closed && st.queued_bytes < GROUP_BYTES;
+                    match until {
+                        Some(u) if grow && std::time::Instant::now() < u => {
+                            self.cv.wait_until(&mut st, u);
+                        }
+                        _ => break,
+                    }
                 }
                 st.busy = true;
+                st.queued_bytes = 0;
+                st.oldest = None;
                 let t = st.queue.drain(..).collect();
                 self.cv.notify_all();
                 t

@@ -102,8 +102,13 @@ pub(super) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// `poll` for an incoming connection, at most `ms` milliseconds.
 fn wait_readable(l: &TcpListener, ms: i32) -> bool {
+    wait_readable_fd(l.as_raw_fd(), ms)
+}
+
+/// `poll` a descriptor for input, at most `ms` milliseconds.
+fn wait_readable_fd(fd: std::os::fd::RawFd, ms: i32) -> bool {
     let mut pfd = libc::pollfd {
-        fd: l.as_raw_fd(),
+        fd,
         events: libc::POLLIN,
         revents: 0,
     };
@@ -291,7 +296,9 @@ fn messages(
         if let Msg::Batch(b) = &msg {
             let (reached, result) = vol.apply_records(b, cx);
             let ack = result.is_ok().then_some(reached.lsn);
-            let queued = acks.push(reached, ack);
+            let bytes = b.records.iter().map(|r| r.op.data_len() + 64).sum();
+            let more = !rd.buffer().is_empty() || wait_readable_fd(s.as_raw_fd(), 0);
+            let queued = acks.push(reached, ack, bytes, more);
             match (result, queued) {
                 (Ok(()), Ok(())) => {
                     debug!(
