@@ -17,6 +17,7 @@ use super::acks::Acks;
 use super::state::MirrorDb;
 use super::volume::{BatchError, Ctx, Volume};
 use crate::proto::{self, Key, Msg, ProtoError, Role};
+use crate::wal::Lsn;
 
 /// Timeouts and limits of the server (see `MirrorOptions`).
 #[derive(Clone, Debug)]
@@ -281,7 +282,34 @@ fn messages(
     let mut rd = BufReader::with_capacity(256 << 10, s);
     let mut buf = Vec::new();
     loop {
-        let msg = match proto::read_msg_buf(&mut rd, &mut buf) {
+        let ty = proto::read_frame_buf(&mut rd, &mut buf);
+        let msg = match ty {
+            Ok(t) if t == proto::frame_type::BATCH => {
+                // Applied straight from the frame (write data not copied).
+                match proto::batch_section(&buf).and_then(|sec| {
+                    cx.alive.touch();
+                    let recs = sec.records()?;
+                    Ok(apply_batch_frame(
+                        vol,
+                        s,
+                        cx,
+                        acks,
+                        &recs,
+                        rd.buffer().is_empty(),
+                    ))
+                }) {
+                    Ok(true) => continue,
+                    Ok(false) => return,
+                    Err(e) => {
+                        let _ = acks.flush();
+                        return read_failed(vol, s, cx, e);
+                    }
+                }
+            }
+            Ok(t) => proto::decode_msg(t, &buf),
+            Err(e) => Err(e),
+        };
+        let msg = match msg {
             Ok(m) => m,
             Err(e) => {
                 // Batches already applied are persisted and acknowledged
@@ -293,30 +321,6 @@ fn messages(
             }
         };
         cx.alive.touch();
-        if let Msg::Batch(b) = &msg {
-            let (reached, result) = vol.apply_records(b, cx);
-            let ack = result.is_ok().then_some(reached.lsn);
-            let bytes = b.records.iter().map(|r| r.op.data_len() + 64).sum();
-            let more = !rd.buffer().is_empty() || wait_readable_fd(s.as_raw_fd(), 0);
-            let queued = acks.push(reached, ack, bytes, more);
-            match (result, queued) {
-                (Ok(()), Ok(())) => {
-                    debug!(
-                        "peer {peer} volume {v}: batch of {} records applied, ack LSN {} queued",
-                        b.records.len(),
-                        reached.lsn
-                    );
-                    continue;
-                }
-                (Ok(()), Err(why)) => return persist_failed(vol, s, cx, &why),
-                (Err(e), _) => {
-                    // The records before the failure stay applied: persisted
-                    // (no ACK) before the ERROR.
-                    let _ = acks.flush();
-                    return batch_failed(vol, s, cx, b, e);
-                }
-            }
-        }
         if !matches!(msg, Msg::Ping | Msg::Pong) {
             // Every other message is answered after the ACKs of the batches
             // before it.
@@ -325,7 +329,7 @@ fn messages(
             }
         }
         let reply = match msg {
-            Msg::Batch(_) => continue,
+            Msg::Batch(_) => continue, // read above, as a frame
             Msg::Ping => Msg::Pong,
             Msg::Pong => continue,
             Msg::Error { msg } => {
@@ -392,6 +396,47 @@ fn messages(
         if let Err(e) = sent {
             warn!("peer {peer} volume {v}: cannot send {}: {e}", reply.name());
             return;
+        }
+    }
+}
+
+/// Applies a received batch and queues its ACK; false: the connection
+/// ends (the error was sent). `buffered_empty`: nothing more is buffered.
+fn apply_batch_frame(
+    vol: &Volume,
+    s: &TcpStream,
+    cx: &Ctx<'_>,
+    acks: &Acks<'_>,
+    recs: &[proto::RecordRef<'_>],
+    buffered_empty: bool,
+) -> bool {
+    let (reached, result) = vol.apply_refs(recs, cx);
+    let ack = result.is_ok().then_some(reached.lsn);
+    let bytes = recs.iter().map(|r| r.op.data_len() + 64).sum();
+    let more = !buffered_empty || wait_readable_fd(s.as_raw_fd(), 0);
+    match (result, acks.push(reached, ack, bytes, more)) {
+        (Ok(()), Ok(())) => {
+            debug!(
+                "peer {} volume {}: batch of {} records applied, ack LSN {} queued",
+                cx.peer,
+                vol.id,
+                recs.len(),
+                reached.lsn
+            );
+            true
+        }
+        (Ok(()), Err(why)) => {
+            persist_failed(vol, s, cx, &why);
+            false
+        }
+        (Err(e), _) => {
+            // The records before the failure stay applied: persisted (no
+            // ACK) before the ERROR.
+            let _ = acks.flush();
+            let first = recs.first().map_or(0, |r| r.lsn);
+            let last = recs.last().map_or(0, |r| r.lsn);
+            batch_failed(vol, s, cx, (first, last), e);
+            false
         }
     }
 }
@@ -509,10 +554,9 @@ fn idle_secs(s: &TcpStream) -> u64 {
     s.read_timeout().ok().flatten().map_or(0, |d| d.as_secs())
 }
 
-fn batch_failed(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, b: &proto::Batch, e: BatchError) {
+fn batch_failed(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, lsns: (Lsn, Lsn), e: BatchError) {
     let (peer, v) = (cx.peer, &vol.id);
-    let first = b.records.first().map_or(0, |r| r.lsn);
-    let last = b.last_lsn().unwrap_or(0);
+    let (first, last) = lsns;
     match &e {
         BatchError::Stopped(lsn) => {
             info!("peer {peer} volume {v}: batch LSN {first}..{last} stopped at applied LSN {lsn}")

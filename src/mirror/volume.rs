@@ -13,8 +13,8 @@ use parking_lot::Mutex;
 
 use super::state::{MirrorDb, Position, PositionFile};
 use crate::apply::{Applier, ApplyError, display_path};
-use crate::proto::Batch;
-use crate::wal::{Lsn, Op, Record};
+use crate::proto::{Batch, RecordRef};
+use crate::wal::{Lsn, Op};
 
 /// A volume served by this mirror.
 pub(super) struct Volume {
@@ -342,9 +342,28 @@ impl Volume {
     /// when a record fails: the records before it stay applied and must be
     /// persisted all the same) and whether the whole batch was applied.
     pub fn apply_records(&self, batch: &Batch, cx: &Ctx<'_>) -> (Applied, Result<(), BatchError>) {
+        let refs: Vec<RecordRef<'_>> = batch
+            .records
+            .iter()
+            .map(|r| RecordRef {
+                lsn: r.lsn,
+                time_ns: r.time_ns,
+                op: r.op.reborrow(),
+            })
+            .collect();
+        self.apply_refs(&refs, cx)
+    }
+
+    /// [`Volume::apply_records`] of records that borrow their data (from
+    /// the received frame: see `proto::Section`).
+    pub fn apply_refs(
+        &self,
+        records: &[RecordRef<'_>],
+        cx: &Ctx<'_>,
+    ) -> (Applied, Result<(), BatchError>) {
         let mut inner = self.inner.lock();
         let start = inner.applied + 1;
-        let first = batch.records.first().map_or(start, |r| r.lsn);
+        let first = records.first().map_or(start, |r| r.lsn);
         let reached = |inner: &Inner| Applied {
             lsn: inner.applied,
             time_ns: inner.applied_time_ns,
@@ -357,7 +376,7 @@ impl Volume {
             return (reached(&inner), Err(gap));
         }
         let mut result = Ok(());
-        for rec in batch.records.iter().filter(|r| r.lsn >= start) {
+        for rec in records.iter().filter(|r| r.lsn >= start) {
             if cx.alive.stop.load(Ordering::SeqCst) || cx.shutdown.load(Ordering::SeqCst) {
                 result = Err(BatchError::Stopped(inner.applied));
                 break;
@@ -393,7 +412,12 @@ impl Volume {
             .map_err(BatchError::Persist)
     }
 
-    fn apply_one(&self, inner: &mut Inner, rec: &Record, cx: &Ctx<'_>) -> Result<(), BatchError> {
+    fn apply_one(
+        &self,
+        inner: &mut Inner,
+        rec: &RecordRef<'_>,
+        cx: &Ctx<'_>,
+    ) -> Result<(), BatchError> {
         let doubt = inner.exchange_in_doubt.take() == Some(rec.lsn);
         match &rec.op {
             Op::Resync { path, reason } => {
@@ -422,10 +446,13 @@ impl Volume {
                             exchange: rec.lsn,
                         })
                         .map_err(BatchError::Persist)?;
-                    inner.applier.apply(rec).map_err(BatchError::Apply)?;
+                    inner
+                        .applier
+                        .apply_at(rec.lsn, &rec.op)
+                        .map_err(BatchError::Apply)?;
                 }
             }
-            _ => match inner.applier.apply(rec) {
+            _ => match inner.applier.apply_at(rec.lsn, &rec.op) {
                 Ok(()) => {}
                 Err(e) if rec.lsn <= inner.horizon && outrun(&e) => {
                     debug!(

@@ -158,6 +158,37 @@ const SAMPLE_LEN: usize = 8 << 10;
 
 /// Parses and fully validates a batch payload.
 pub(super) fn decode(p: &[u8], seq: Seq) -> Result<Batch, ProtoError> {
+    let records = section(p)?
+        .records_seq(seq)?
+        .into_iter()
+        .map(|r| Record {
+            lsn: r.lsn,
+            time_ns: r.time_ns,
+            op: r.op.into_owned(),
+        })
+        .collect();
+    Ok(Batch { records })
+}
+
+/// A BATCH payload's record section (decompressed when it was), its header
+/// checked: [`Section::records`] validates and decodes the records, which
+/// borrow their data from it (the mirror applies writes without copying
+/// them out of the frame).
+pub struct Section<'a> {
+    raw: Cow<'a, [u8]>,
+    count: usize,
+}
+
+/// A decoded record borrowing its data (see [`Section`]).
+#[derive(Debug)]
+pub struct RecordRef<'a> {
+    pub lsn: u64,
+    pub time_ns: i64,
+    pub op: Op<'a>,
+}
+
+/// Checks a BATCH payload's header and decompresses its section.
+pub fn section(p: &[u8]) -> Result<Section<'_>, ProtoError> {
     if p.len() < BATCH_HEADER_LEN {
         return malformed(format!("batch payload of {} bytes", p.len()));
     }
@@ -187,7 +218,19 @@ pub(super) fn decode(p: &[u8], seq: Seq) -> Result<Batch, ProtoError> {
     } else {
         Cow::Borrowed(stored)
     };
-    decode_records(&raw, count, seq)
+    Ok(Section { raw, count })
+}
+
+impl Section<'_> {
+    /// Every record of a BATCH, fully validated (any failure: the whole
+    /// batch is malformed).
+    pub fn records(&self) -> Result<Vec<RecordRef<'_>>, ProtoError> {
+        self.records_seq(Seq::Log)
+    }
+
+    fn records_seq(&self, seq: Seq) -> Result<Vec<RecordRef<'_>>, ProtoError> {
+        decode_records(&self.raw, self.count, seq)
+    }
 }
 
 /// Bounded decompression: the size claim is checked against what lz4 can
@@ -213,21 +256,23 @@ fn decompress(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, ProtoError> {
     }
 }
 
-fn decode_records(raw: &[u8], count: usize, seq: Seq) -> Result<Batch, ProtoError> {
-    let seed_salt = WIRE_SALT;
-    let mut records: Vec<Record> = Vec::with_capacity(count.min(1024));
+fn decode_records(raw: &[u8], count: usize, seq: Seq) -> Result<Vec<RecordRef<'_>>, ProtoError> {
+    let mut records: Vec<RecordRef<'_>> = Vec::with_capacity(count.min(1024));
     let mut off = 0;
     for i in 0..count {
         let rest = raw.get(off..).unwrap_or_default();
-        let (rec, len) = codec::decode_frame(seed_salt, rest).map_err(|e| {
+        let (h, op, len) = codec::decode_frame_ref(WIRE_SALT, rest).map_err(|e| {
             let lsn = FrameHeader::parse(rest).map_or(0, |h| h.lsn);
             ProtoError::Malformed(format!(
                 "batch record {i} (claimed LSN {lsn}) at offset {off}: {e}"
             ))
         })?;
-        check_next(records.last().map(|r: &Record| r.lsn), rec.lsn, seq)
-            .map_err(ProtoError::Malformed)?;
-        records.push(rec);
+        check_next(records.last().map(|r| r.lsn), h.lsn, seq).map_err(ProtoError::Malformed)?;
+        records.push(RecordRef {
+            lsn: h.lsn,
+            time_ns: h.time_ns,
+            op,
+        });
         off += len;
     }
     if off != raw.len() {
@@ -236,7 +281,7 @@ fn decode_records(raw: &[u8], count: usize, seq: Seq) -> Result<Batch, ProtoErro
             raw.len() - off
         ));
     }
-    Ok(Batch { records })
+    Ok(records)
 }
 
 /// Builds a BATCH frame record by record, straight into the buffer that is

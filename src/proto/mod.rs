@@ -17,7 +17,8 @@ use std::io::{self, Read, Write};
 use crate::wal::{Lsn, Record};
 
 pub use batch::{
-    BATCH_HEADER_LEN, BatchBuilder, FLAG_BATCH_LZ4, MAX_BATCH_RAW, WIRE_SALT, record_wire_len,
+    BATCH_HEADER_LEN, BatchBuilder, FLAG_BATCH_LZ4, MAX_BATCH_RAW, RecordRef, Section, WIRE_SALT,
+    record_wire_len, section as batch_section,
 };
 pub use handshake::{
     HANDSHAKE_MAX, MAGIC, NONCE_LEN, PROOF_LEN, check_volume_id, client_handshake,
@@ -337,12 +338,17 @@ pub fn read_msg(r: &mut impl Read) -> Result<Msg, ProtoError> {
 /// for the next call (up to [`KEEP_BUF`]): a stream of large batches is
 /// received without a reallocation per frame.
 pub fn read_msg_buf(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Msg, ProtoError> {
-    let ty = read_frame_into(r, MAX_FRAME, buf)?;
-    let m = decode_msg(ty, buf);
+    let ty = read_frame_buf(r, buf)?;
+    decode_msg(ty, buf)
+}
+
+/// Reads one frame's payload into `buf` (see [`read_msg_buf`]) and returns
+/// its type, for [`decode_msg`] or, for a BATCH, [`batch_section`].
+pub fn read_frame_buf(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<u8, ProtoError> {
     if buf.capacity() > KEEP_BUF {
         *buf = Vec::new();
     }
-    m
+    read_frame_into(r, MAX_FRAME, buf)
 }
 
 /// Largest receive buffer [`read_msg_buf`] keeps between frames.

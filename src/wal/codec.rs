@@ -403,6 +403,23 @@ pub fn encode_frame(
 /// Decodes the frame at the start of `bytes` written in a segment with
 /// `salt`: checks length, CRC and body. Returns the record and frame length.
 pub fn decode_frame(salt: u64, bytes: &[u8]) -> Result<(Record, usize), CodecError> {
+    let (h, op, len) = decode_frame_ref(salt, bytes)?;
+    Ok((
+        Record {
+            lsn: h.lsn,
+            time_ns: h.time_ns,
+            op: op.into_owned(),
+        },
+        len,
+    ))
+}
+
+/// [`decode_frame`] borrowing the data of an uncompressed body from
+/// `bytes`: the header, the op and the frame length.
+pub fn decode_frame_ref(
+    salt: u64,
+    bytes: &[u8],
+) -> Result<(FrameHeader, Op<'_>, usize), CodecError> {
     let h = FrameHeader::parse(bytes).ok_or(CodecError::Truncated("frame header"))?;
     h.check()?;
     let len = h.frame_len as usize;
@@ -412,15 +429,8 @@ pub fn decode_frame(salt: u64, bytes: &[u8]) -> Result<(Record, usize), CodecErr
     if !crc_matches(crc_seed(salt), &h, stored) {
         return invalid("frame CRC mismatch");
     }
-    let op = decode_stored(&h, stored)?;
-    Ok((
-        Record {
-            lsn: h.lsn,
-            time_ns: h.time_ns,
-            op,
-        },
-        len,
-    ))
+    let op = decode_stored_ref(&h, stored)?;
+    Ok((h, op, len))
 }
 
 #[cfg(test)]
