@@ -1,7 +1,10 @@
 //! The shipper: drains the WAL to a `replfs mirror` from the position the
 //! mirror acknowledged, in order, over a connection it re-establishes with
-//! capped exponential backoff. The backlog stays on disk: memory holds at most
-//! `window` batches of at most `batch_bytes` each.
+//! capped exponential backoff (retried within 250 ms while the mirror's host
+//! refuses connections). Up to `window_bytes` of batches are in flight; the
+//! backlog stays on disk: memory holds the WAL reader's window (≤ 8 MiB),
+//! the batch being built and at most three frames being sent — batches in
+//! flight are not kept (the WAL has them).
 
 pub mod coalesce;
 pub mod config;
