@@ -151,7 +151,9 @@ class Replfs:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             st = self.status()
-            if st and st.get("lag_records") == 0 and st.get("head_lsn", 0) > 0:
+            # (An empty log is drained once the link is up: `--only backlog`.)
+            if st and st.get("lag_records") == 0 and (
+                    st.get("head_lsn", 0) > 0 or st.get("link") == "connected"):
                 return time.monotonic() - t0
             time.sleep(0.05)
         return None

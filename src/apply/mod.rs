@@ -169,17 +169,21 @@ impl Applier {
     /// A `Resync` record changes nothing: it is logged as a warning and the
     /// caller reports it.
     pub fn apply(&mut self, rec: &Record) -> Result<(), ApplyError> {
-        if let Op::Resync { path, reason } = &rec.op {
+        self.apply_at(rec.lsn, &rec.op)
+    }
+
+    /// [`Applier::apply`] of the record `lsn` holding `op`.
+    pub fn apply_at(&mut self, lsn: Lsn, op: &Op<'_>) -> Result<(), ApplyError> {
+        if let Op::Resync { path, reason } = op {
             warn!(
-                "LSN {}: {} needs resync from the source: {reason}",
-                rec.lsn,
+                "LSN {lsn}: {} needs resync from the source: {reason}",
                 display_path(path)
             );
         }
-        ops::apply_op(self.root.as_fd(), &rec.op).map_err(|failure| ApplyError::Record {
-            lsn: rec.lsn,
-            op: rec.op.name(),
-            path: op_paths(&rec.op),
+        ops::apply_op(self.root.as_fd(), op).map_err(|failure| ApplyError::Record {
+            lsn,
+            op: op.name(),
+            path: op_paths(op),
             failure,
         })
     }

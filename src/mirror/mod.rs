@@ -13,14 +13,16 @@
 //! which the apply engine's idempotence covers (a `RENAME_EXCHANGE`, which is
 //! not idempotent, is flagged in the file before it is applied; if a restart
 //! finds the flag, the exchange is not re-applied and both names are
-//! recorded for resync). At the end of each batch: `syncfs` of DIR, fsync of
-//! the position file, catalog update, then the `Ack`. On start the position
-//! is the larger of the catalog's and the position file's.
+//! recorded for resync). Batches are made durable in groups by a second
+//! thread per connection (`acks`): `syncfs` of DIR, catalog update, then the
+//! `Ack` of every batch applied before the syncfs began, while the next
+//! batches are applied. On start the position is the larger of the
+//! catalog's and the position file's.
 //!
 //! Caveat (machine crash, not process crash): a position file written back
 //! by the kernel before the tree's data may claim records whose effects were
-//! lost with the page cache. Only the acknowledged position (catalog and
-//! fsynced file) is guaranteed; records after it and before the file's
+//! lost with the page cache. Only the acknowledged position (the catalog,
+//! written after the syncfs that covers it) is guaranteed; records after it and before the file's
 //! position may need a re-verify of the replica (to do: compare with the
 //! source after an unclean mirror shutdown).
 //!
@@ -32,6 +34,7 @@
 //! link leaves no RST): its socket is shut down, it stops between two
 //! records and persists, and the newcomer takes the volume.
 
+mod acks;
 pub mod import;
 mod server;
 mod state;

@@ -13,9 +13,11 @@ use std::time::Duration;
 use log::{debug, info, warn};
 use parking_lot::Mutex;
 
+use super::acks::Acks;
 use super::state::MirrorDb;
 use super::volume::{BatchError, Ctx, Volume};
 use crate::proto::{self, Key, Msg, ProtoError, Role};
+use crate::wal::Lsn;
 
 /// Timeouts and limits of the server (see `MirrorOptions`).
 #[derive(Clone, Debug)]
@@ -101,8 +103,13 @@ pub(super) fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// `poll` for an incoming connection, at most `ms` milliseconds.
 fn wait_readable(l: &TcpListener, ms: i32) -> bool {
+    wait_readable_fd(l.as_raw_fd(), ms)
+}
+
+/// `poll` a descriptor for input, at most `ms` milliseconds.
+fn wait_readable_fd(fd: std::os::fd::RawFd, ms: i32) -> bool {
     let mut pfd = libc::pollfd {
-        fd: l.as_raw_fd(),
+        fd,
         events: libc::POLLIN,
         revents: 0,
     };
@@ -238,28 +245,91 @@ fn repairs_for_the_wire(paths: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     }
 }
 
-/// The message loop of an authenticated connection; `repairs_upto` is the
-/// last resync row sent in REPAIRS (cleared once a sync has ended).
-fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, mut repairs_upto: Option<i64>) {
+/// An authenticated connection: its message loop, and a persister thread
+/// that makes applied batches durable and acknowledges them (group commit,
+/// see `acks`); `repairs_upto` is the last resync row sent in REPAIRS
+/// (cleared once a sync has ended).
+fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, repairs_upto: Option<i64>) {
+    let send = Mutex::new(());
+    let acks = Acks::new(vol, s, &send);
+    std::thread::scope(|sc| {
+        let persister = std::thread::Builder::new()
+            .name("mirror-persist".into())
+            .spawn_scoped(sc, || acks.run(cx));
+        if let Err(e) = persister {
+            warn!(
+                "peer {} volume {}: cannot start a persister thread: {e}",
+                cx.peer, vol.id
+            );
+            send_error(s, "mirror out of resources");
+            return;
+        }
+        messages(vol, s, cx, repairs_upto, &acks);
+        // Whatever is still queued was persisted (or failed) on the way out.
+        let _ = acks.close();
+    });
+}
+
+/// The message loop of [`session`].
+fn messages(
+    vol: &Volume,
+    s: &TcpStream,
+    cx: &Ctx<'_>,
+    mut repairs_upto: Option<i64>,
+    acks: &Acks<'_>,
+) {
     let (peer, v) = (cx.peer, &vol.id);
     let mut rd = BufReader::with_capacity(256 << 10, s);
+    let mut buf = Vec::new();
     loop {
-        let msg = match proto::read_msg(&mut rd) {
+        let ty = proto::read_frame_buf(&mut rd, &mut buf);
+        let msg = match ty {
+            Ok(t) if t == proto::frame_type::BATCH => {
+                // Applied straight from the frame (write data not copied).
+                match proto::batch_section(&buf).and_then(|sec| {
+                    cx.alive.touch();
+                    let recs = sec.records()?;
+                    Ok(apply_batch_frame(
+                        vol,
+                        s,
+                        cx,
+                        acks,
+                        &recs,
+                        rd.buffer().is_empty(),
+                    ))
+                }) {
+                    Ok(true) => continue,
+                    Ok(false) => return,
+                    Err(e) => {
+                        let _ = acks.flush();
+                        return read_failed(vol, s, cx, e);
+                    }
+                }
+            }
+            Ok(t) => proto::decode_msg(t, &buf),
+            Err(e) => Err(e),
+        };
+        let msg = match msg {
             Ok(m) => m,
-            Err(e) => return read_failed(vol, s, cx, e),
+            Err(e) => {
+                // Batches already applied are persisted and acknowledged
+                // first (a shutdown, a shipper that hung up).
+                if let Err(why) = acks.flush() {
+                    return persist_failed(vol, s, cx, &why);
+                }
+                return read_failed(vol, s, cx, e);
+            }
         };
         cx.alive.touch();
+        if !matches!(msg, Msg::Ping | Msg::Pong) {
+            // Every other message is answered after the ACKs of the batches
+            // before it.
+            if let Err(why) = acks.flush() {
+                return persist_failed(vol, s, cx, &why);
+            }
+        }
         let reply = match msg {
-            Msg::Batch(b) => match vol.apply_batch(&b, cx) {
-                Ok(lsn) => {
-                    debug!(
-                        "peer {peer} volume {v}: batch of {} records applied, ack LSN {lsn}",
-                        b.records.len()
-                    );
-                    Msg::Ack { lsn }
-                }
-                Err(e) => return batch_failed(vol, s, cx, &b, e),
-            },
+            Msg::Batch(_) => continue, // read above, as a frame
             Msg::Ping => Msg::Pong,
             Msg::Pong => continue,
             Msg::Error { msg } => {
@@ -319,11 +389,66 @@ fn session(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, mut repairs_upto: Option<i
                 return;
             }
         };
-        if let Err(e) = proto::write_msg(&mut &*s, &reply) {
+        let sent = {
+            let _g = acks.send.lock();
+            proto::write_msg(&mut &*s, &reply)
+        };
+        if let Err(e) = sent {
             warn!("peer {peer} volume {v}: cannot send {}: {e}", reply.name());
             return;
         }
     }
+}
+
+/// Applies a received batch and queues its ACK; false: the connection
+/// ends (the error was sent). `buffered_empty`: nothing more is buffered.
+fn apply_batch_frame(
+    vol: &Volume,
+    s: &TcpStream,
+    cx: &Ctx<'_>,
+    acks: &Acks<'_>,
+    recs: &[proto::RecordRef<'_>],
+    buffered_empty: bool,
+) -> bool {
+    let (reached, result) = vol.apply_refs(recs, cx);
+    let ack = result.is_ok().then_some(reached.lsn);
+    let bytes = recs.iter().map(|r| r.op.data_len() + 64).sum();
+    let more = !buffered_empty || wait_readable_fd(s.as_raw_fd(), 0);
+    match (result, acks.push(reached, ack, bytes, more)) {
+        (Ok(()), Ok(())) => {
+            debug!(
+                "peer {} volume {}: batch of {} records applied, ack LSN {} queued",
+                cx.peer,
+                vol.id,
+                recs.len(),
+                reached.lsn
+            );
+            true
+        }
+        (Ok(()), Err(why)) => {
+            persist_failed(vol, s, cx, &why);
+            false
+        }
+        (Err(e), _) => {
+            // The records before the failure stay applied: persisted (no
+            // ACK) before the ERROR.
+            let _ = acks.flush();
+            let first = recs.first().map_or(0, |r| r.lsn);
+            let last = recs.last().map_or(0, |r| r.lsn);
+            batch_failed(vol, s, cx, (first, last), e);
+            false
+        }
+    }
+}
+
+/// The persister could not make applied batches durable (or the volume was
+/// taken over): the connection ends without their ACKs.
+fn persist_failed(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, why: &str) {
+    warn!(
+        "peer {} volume {}: cannot persist the position: {why}; closing",
+        cx.peer, vol.id
+    );
+    send_error(s, why);
 }
 
 fn send_manifest(
@@ -429,10 +554,9 @@ fn idle_secs(s: &TcpStream) -> u64 {
     s.read_timeout().ok().flatten().map_or(0, |d| d.as_secs())
 }
 
-fn batch_failed(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, b: &proto::Batch, e: BatchError) {
+fn batch_failed(vol: &Volume, s: &TcpStream, cx: &Ctx<'_>, lsns: (Lsn, Lsn), e: BatchError) {
     let (peer, v) = (cx.peer, &vol.id);
-    let first = b.records.first().map_or(0, |r| r.lsn);
-    let last = b.last_lsn().unwrap_or(0);
+    let (first, last) = lsns;
     match &e {
         BatchError::Stopped(lsn) => {
             info!("peer {peer} volume {v}: batch LSN {first}..{last} stopped at applied LSN {lsn}")

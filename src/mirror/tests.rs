@@ -310,3 +310,63 @@ fn one_shipper_per_volume_unless_the_owner_went_silent() {
     drop(second);
     assert!(r.vol.claim(3, p1, &s1, Duration::from_secs(30)).is_ok());
 }
+
+#[test]
+fn applying_moves_the_catalog_only_when_a_persist_covers_it() {
+    let r = Rig::new();
+    let alive = volume::test_liveness();
+    let cx = Ctx {
+        peer: "127.0.0.1:1".parse().unwrap(),
+        db: &r.db,
+        alive: &alive,
+        shutdown: &r.stop,
+    };
+    let catalog = || {
+        r.db.lock()
+            .volume("v")
+            .unwrap()
+            .map_or(0, |v| v.applied_lsn)
+    };
+    let (reached, res) = r
+        .vol
+        .apply_records(&batch(1, vec![create("a"), create("b")]), &cx);
+    res.unwrap();
+    assert_eq!(reached.lsn, 2);
+    assert_eq!(
+        catalog(),
+        0,
+        "applied, not yet durable: no position recorded"
+    );
+    let (later, res) = r.vol.apply_records(&batch(3, vec![create("c")]), &cx);
+    res.unwrap();
+    // A persist records what was applied before it started, not more.
+    r.vol.persist_upto(reached, &cx).unwrap();
+    assert_eq!(catalog(), 2);
+    r.vol.persist_upto(later, &cx).unwrap();
+    assert_eq!(catalog(), 3);
+    // A re-sent batch is skipped and reports the applied position.
+    let (again, res) = r.vol.apply_records(&batch(1, vec![create("a")]), &cx);
+    res.unwrap();
+    assert_eq!(again.lsn, 3);
+    // A batch past a gap applies nothing.
+    let (gap, res) = r.vol.apply_records(&batch(9, vec![create("z")]), &cx);
+    assert!(matches!(
+        res,
+        Err(BatchError::Gap {
+            expected: 4,
+            got: 9
+        })
+    ));
+    assert_eq!(gap.lsn, 3);
+    // A connection that lost the volume to a takeover no longer writes the
+    // catalog (its successor persists what it applied).
+    let (more, res) = r.vol.apply_records(&batch(4, vec![create("d")]), &cx);
+    res.unwrap();
+    alive.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(
+        r.vol.persist_upto(more, &cx),
+        Err(BatchError::Stopped(4))
+    ));
+    assert_eq!(catalog(), 3);
+    assert!(r.dir.join("d").exists());
+}

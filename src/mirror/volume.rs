@@ -13,8 +13,8 @@ use parking_lot::Mutex;
 
 use super::state::{MirrorDb, Position, PositionFile};
 use crate::apply::{Applier, ApplyError, display_path};
-use crate::proto::Batch;
-use crate::wal::{Lsn, Op, Record};
+use crate::proto::{Batch, RecordRef};
+use crate::wal::{Lsn, Op};
 
 /// A volume served by this mirror.
 pub(super) struct Volume {
@@ -22,9 +22,22 @@ pub(super) struct Volume {
     pub dir: PathBuf,
     /// A second handle on the replica root for verifiers, which list the
     /// tree without holding up the shipper.
+    /// Also what a persist runs `syncfs` on, without the apply lock.
     reader: Applier,
     inner: Mutex<Inner>,
     session: Mutex<Option<Session>>,
+    /// Serialises the catalog updates of persists and baselines, so a
+    /// connection that lost the volume never writes a position after its
+    /// successor did (see [`Volume::persist_upto`]).
+    persist_lock: Mutex<()>,
+}
+
+/// A position reached by applying: the last applied LSN and the log time
+/// of that record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Applied {
+    pub lsn: Lsn,
+    pub time_ns: i64,
 }
 
 struct Inner {
@@ -167,6 +180,7 @@ impl Volume {
                 horizon,
             }),
             session: Mutex::new(None),
+            persist_lock: Mutex::new(()),
         })
     }
 
@@ -187,6 +201,7 @@ impl Volume {
     /// SYNC_BEGIN: the replica now belongs to `source`, at `lsn` of its log
     /// (a baseline of the whole tree follows). Persisted before the Ack.
     pub fn sync_begin(&self, lsn: Lsn, source: &str, cx: &Ctx<'_>) -> Result<Lsn, BatchError> {
+        let _catalog = self.persist_lock.lock();
         let mut inner = self.inner.lock();
         let now = crate::wal::segment::now_ns();
         info!(
@@ -231,6 +246,7 @@ impl Volume {
     /// SYNC_END: everything synced so far is made durable, and records up to
     /// `horizon` may be skipped when they no longer apply.
     pub fn sync_end(&self, horizon: Lsn, cx: &Ctx<'_>) -> Result<(), BatchError> {
+        let _catalog = self.persist_lock.lock();
         let mut inner = self.inner.lock();
         self.persist(&inner, cx)?;
         cx.db
@@ -312,20 +328,55 @@ impl Volume {
     }
 
     /// Applies a batch in LSN order, skipping records already applied, and
-    /// persists the position: syncfs, fsync of the position file, catalog.
-    /// Returns the LSN to acknowledge.
+    /// persists the position: syncfs, catalog. Returns the LSN to
+    /// acknowledge. (The server applies and persists apart instead, so that
+    /// one persist covers several batches: [`Volume::apply_records`].)
     pub fn apply_batch(&self, batch: &Batch, cx: &Ctx<'_>) -> Result<Lsn, BatchError> {
+        let (reached, result) = self.apply_records(batch, cx);
+        let persisted = self.persist_upto(reached, cx);
+        result.and(persisted).map(|()| reached.lsn)
+    }
+
+    /// Applies a batch in LSN order, skipping records already applied,
+    /// without making anything durable. Returns the position reached (also
+    /// when a record fails: the records before it stay applied and must be
+    /// persisted all the same) and whether the whole batch was applied.
+    pub fn apply_records(&self, batch: &Batch, cx: &Ctx<'_>) -> (Applied, Result<(), BatchError>) {
+        let refs: Vec<RecordRef<'_>> = batch
+            .records
+            .iter()
+            .map(|r| RecordRef {
+                lsn: r.lsn,
+                time_ns: r.time_ns,
+                op: r.op.reborrow(),
+            })
+            .collect();
+        self.apply_refs(&refs, cx)
+    }
+
+    /// [`Volume::apply_records`] of records that borrow their data (from
+    /// the received frame: see `proto::Section`).
+    pub fn apply_refs(
+        &self,
+        records: &[RecordRef<'_>],
+        cx: &Ctx<'_>,
+    ) -> (Applied, Result<(), BatchError>) {
         let mut inner = self.inner.lock();
         let start = inner.applied + 1;
-        let first = batch.records.first().map_or(start, |r| r.lsn);
+        let first = records.first().map_or(start, |r| r.lsn);
+        let reached = |inner: &Inner| Applied {
+            lsn: inner.applied,
+            time_ns: inner.applied_time_ns,
+        };
         if first > start {
-            return Err(BatchError::Gap {
+            let gap = BatchError::Gap {
                 expected: start,
                 got: first,
-            });
+            };
+            return (reached(&inner), Err(gap));
         }
         let mut result = Ok(());
-        for rec in batch.records.iter().filter(|r| r.lsn >= start) {
+        for rec in records.iter().filter(|r| r.lsn >= start) {
             if cx.alive.stop.load(Ordering::SeqCst) || cx.shutdown.load(Ordering::SeqCst) {
                 result = Err(BatchError::Stopped(inner.applied));
                 break;
@@ -336,11 +387,37 @@ impl Volume {
             }
             cx.alive.touch();
         }
-        let persisted = self.persist(&inner, cx);
-        result.and(persisted).map(|()| inner.applied)
+        (reached(&inner), result)
     }
 
-    fn apply_one(&self, inner: &mut Inner, rec: &Record, cx: &Ctx<'_>) -> Result<(), BatchError> {
+    /// Makes everything applied so far durable (`syncfs` of the replica's
+    /// filesystem), then records `upto` — a position applied before the
+    /// call — in `mirror.db`: an ACK up to it may follow. Runs without the
+    /// apply lock, so the next batches are applied meanwhile (the syncfs
+    /// covers some of them too; their position is recorded by a later
+    /// persist). A connection that lost the volume to a takeover does not
+    /// touch the catalog any more (its successor persists what it applied).
+    pub fn persist_upto(&self, upto: Applied, cx: &Ctx<'_>) -> Result<(), BatchError> {
+        self.reader.sync().map_err(|e| {
+            BatchError::Persist(anyhow::anyhow!("syncfs of {}: {e}", self.dir.display()))
+        })?;
+        let _catalog = self.persist_lock.lock();
+        if cx.alive.stop.load(Ordering::SeqCst) {
+            return Err(BatchError::Stopped(upto.lsn));
+        }
+        let now = crate::wal::segment::now_ns();
+        cx.db
+            .lock()
+            .set_applied(&self.id, upto.lsn, upto.time_ns, now)
+            .map_err(BatchError::Persist)
+    }
+
+    fn apply_one(
+        &self,
+        inner: &mut Inner,
+        rec: &RecordRef<'_>,
+        cx: &Ctx<'_>,
+    ) -> Result<(), BatchError> {
         let doubt = inner.exchange_in_doubt.take() == Some(rec.lsn);
         match &rec.op {
             Op::Resync { path, reason } => {
@@ -369,10 +446,13 @@ impl Volume {
                             exchange: rec.lsn,
                         })
                         .map_err(BatchError::Persist)?;
-                    inner.applier.apply(rec).map_err(BatchError::Apply)?;
+                    inner
+                        .applier
+                        .apply_at(rec.lsn, &rec.op)
+                        .map_err(BatchError::Apply)?;
                 }
             }
-            _ => match inner.applier.apply(rec) {
+            _ => match inner.applier.apply_at(rec.lsn, &rec.op) {
                 Ok(()) => {}
                 Err(e) if rec.lsn <= inner.horizon && outrun(&e) => {
                     debug!(

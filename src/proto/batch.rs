@@ -24,25 +24,32 @@ pub const MAX_BATCH_RAW: usize = MAX_FRAME - BATCH_HEADER_LEN;
 /// Record sections smaller than this are sent as they are.
 const COMPRESS_MIN: usize = 256;
 
-/// Appends the batch payload to `out`.
+/// Appends the batch payload to `out`: the records are framed straight
+/// into it, and replaced by their lz4 block when compression pays.
 pub(super) fn encode(b: &Batch, out: &mut Vec<u8>, seq: Seq) -> Result<(), ProtoError> {
-    let raw = encode_records(b, seq)?;
-    let compressed = compress_if_pays(&raw);
-    let (flags, stored) = match &compressed {
-        Some(c) => (FLAG_BATCH_LZ4, c.as_slice()),
-        None => (0, raw.as_slice()),
+    check_sequence(&b.records, seq).map_err(ProtoError::Encode)?;
+    let head = out.len();
+    out.extend_from_slice(&[0; BATCH_HEADER_LEN]);
+    let section = out.len();
+    encode_records(b, out)?;
+    let raw_len = out.len() - section;
+    let flags = match compress_if_pays(&out[section..]) {
+        Some(c) => {
+            out.truncate(section);
+            out.extend_from_slice(&c);
+            FLAG_BATCH_LZ4
+        }
+        None => 0,
     };
-    if BATCH_HEADER_LEN + stored.len() > MAX_FRAME {
+    if out.len() - head > MAX_FRAME {
         return Err(ProtoError::TooLarge {
-            len: BATCH_HEADER_LEN + stored.len(),
+            len: out.len() - head,
             max: MAX_FRAME,
         });
     }
-    out.reserve(BATCH_HEADER_LEN + stored.len());
-    out.push(flags);
-    out.extend_from_slice(&(b.records.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-    out.extend_from_slice(stored);
+    out[head] = flags;
+    out[head + 1..head + 5].copy_from_slice(&(b.records.len() as u32).to_le_bytes());
+    out[head + 5..head + 9].copy_from_slice(&(raw_len as u32).to_le_bytes());
     Ok(())
 }
 
@@ -55,31 +62,33 @@ pub fn record_wire_len(op: &Op<'_>) -> Result<usize, ProtoError> {
     Ok(REC_HEADER_LEN + body.stored_len())
 }
 
-/// The uncompressed record section: the records' WAL frames back to back.
-fn encode_records(b: &Batch, seq: Seq) -> Result<Vec<u8>, ProtoError> {
-    check_sequence(&b.records, seq).map_err(ProtoError::Encode)?;
+/// Appends the uncompressed record section to `out`: the records' WAL
+/// frames back to back (LSNs already checked).
+fn encode_records(b: &Batch, out: &mut Vec<u8>) -> Result<(), ProtoError> {
     let seed = codec::crc_seed(WIRE_SALT);
     let size: u64 = b
         .records
         .iter()
         .map(|r| REC_HEADER_LEN as u64 + 64 + r.op.data_len())
         .sum();
-    let mut raw = Vec::with_capacity(size.min(MAX_FRAME as u64) as usize);
+    out.reserve(size.min(MAX_FRAME as u64) as usize);
+    let start = out.len();
     for rec in &b.records {
         let body = PreparedBody::new(&rec.op, usize::MAX, seed)
             .map_err(|e| ProtoError::Encode(format!("record LSN {}: {e}", rec.lsn)))?;
-        raw.extend_from_slice(&body.header(seed, rec.lsn, rec.time_ns));
-        for part in body.parts() {
-            raw.extend_from_slice(part);
-        }
-        if raw.len() > MAX_BATCH_RAW {
+        let len = REC_HEADER_LEN + body.stored_len();
+        if out.len() - start + len > MAX_BATCH_RAW {
             return Err(ProtoError::TooLarge {
-                len: raw.len(),
+                len: out.len() - start + len,
                 max: MAX_BATCH_RAW,
             });
         }
+        out.extend_from_slice(&body.header(seed, rec.lsn, rec.time_ns));
+        for part in body.parts() {
+            out.extend_from_slice(part);
+        }
     }
-    Ok(raw)
+    Ok(())
 }
 
 /// Non-empty, first LSN >= 1, each LSN one more than the previous.
@@ -117,21 +126,69 @@ fn check_next(prev: Option<u64>, lsn: u64, seq: Seq) -> Result<(), String> {
     }
 }
 
+/// The lz4 block of `raw` when it saves at least 1/8. A large section is
+/// first judged by a few samples spread over it: data that does not shrink
+/// (already compressed or encrypted) is sent as is after compressing
+/// [`SAMPLES`] × [`SAMPLE_LEN`] bytes, not the whole section.
 fn compress_if_pays(raw: &[u8]) -> Option<Vec<u8>> {
     if raw.len() < COMPRESS_MIN {
         return None;
     }
-    let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(raw.len())];
-    let n = lz4_flex::block::compress_into(raw, &mut out).ok()?;
-    if n == 0 || n > raw.len() - raw.len() / 8 {
-        return None;
+    if raw.len() >= 4 * SAMPLES * SAMPLE_LEN {
+        let step = (raw.len() - SAMPLE_LEN) / (SAMPLES - 1);
+        let shrunk: usize = (0..SAMPLES)
+            .map(|k| lz4_flex::block::compress(&raw[k * step..k * step + SAMPLE_LEN]).len())
+            .sum();
+        if !pays(shrunk, SAMPLES * SAMPLE_LEN) {
+            return None;
+        }
     }
-    out.truncate(n);
-    Some(out)
+    let out = lz4_flex::block::compress(raw);
+    pays(out.len(), raw.len()).then_some(out)
 }
+
+/// Does a block of `n` bytes for `raw` bytes save at least 1/8?
+fn pays(n: usize, raw: usize) -> bool {
+    n > 0 && n <= raw - raw / 8
+}
+
+/// Samples judged before a large section is compressed, and their size.
+const SAMPLES: usize = 4;
+const SAMPLE_LEN: usize = 8 << 10;
 
 /// Parses and fully validates a batch payload.
 pub(super) fn decode(p: &[u8], seq: Seq) -> Result<Batch, ProtoError> {
+    let records = section(p)?
+        .records_seq(seq)?
+        .into_iter()
+        .map(|r| Record {
+            lsn: r.lsn,
+            time_ns: r.time_ns,
+            op: r.op.into_owned(),
+        })
+        .collect();
+    Ok(Batch { records })
+}
+
+/// A BATCH payload's record section (decompressed when it was), its header
+/// checked: [`Section::records`] validates and decodes the records, which
+/// borrow their data from it (the mirror applies writes without copying
+/// them out of the frame).
+pub struct Section<'a> {
+    raw: Cow<'a, [u8]>,
+    count: usize,
+}
+
+/// A decoded record borrowing its data (see [`Section`]).
+#[derive(Debug)]
+pub struct RecordRef<'a> {
+    pub lsn: u64,
+    pub time_ns: i64,
+    pub op: Op<'a>,
+}
+
+/// Checks a BATCH payload's header and decompresses its section.
+pub fn section(p: &[u8]) -> Result<Section<'_>, ProtoError> {
     if p.len() < BATCH_HEADER_LEN {
         return malformed(format!("batch payload of {} bytes", p.len()));
     }
@@ -161,7 +218,19 @@ pub(super) fn decode(p: &[u8], seq: Seq) -> Result<Batch, ProtoError> {
     } else {
         Cow::Borrowed(stored)
     };
-    decode_records(&raw, count, seq)
+    Ok(Section { raw, count })
+}
+
+impl Section<'_> {
+    /// Every record of a BATCH, fully validated (any failure: the whole
+    /// batch is malformed).
+    pub fn records(&self) -> Result<Vec<RecordRef<'_>>, ProtoError> {
+        self.records_seq(Seq::Log)
+    }
+
+    fn records_seq(&self, seq: Seq) -> Result<Vec<RecordRef<'_>>, ProtoError> {
+        decode_records(&self.raw, self.count, seq)
+    }
 }
 
 /// Bounded decompression: the size claim is checked against what lz4 can
@@ -187,21 +256,23 @@ fn decompress(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, ProtoError> {
     }
 }
 
-fn decode_records(raw: &[u8], count: usize, seq: Seq) -> Result<Batch, ProtoError> {
-    let seed_salt = WIRE_SALT;
-    let mut records: Vec<Record> = Vec::with_capacity(count.min(1024));
+fn decode_records(raw: &[u8], count: usize, seq: Seq) -> Result<Vec<RecordRef<'_>>, ProtoError> {
+    let mut records: Vec<RecordRef<'_>> = Vec::with_capacity(count.min(1024));
     let mut off = 0;
     for i in 0..count {
         let rest = raw.get(off..).unwrap_or_default();
-        let (rec, len) = codec::decode_frame(seed_salt, rest).map_err(|e| {
+        let (h, op, len) = codec::decode_frame_ref(WIRE_SALT, rest).map_err(|e| {
             let lsn = FrameHeader::parse(rest).map_or(0, |h| h.lsn);
             ProtoError::Malformed(format!(
                 "batch record {i} (claimed LSN {lsn}) at offset {off}: {e}"
             ))
         })?;
-        check_next(records.last().map(|r: &Record| r.lsn), rec.lsn, seq)
-            .map_err(ProtoError::Malformed)?;
-        records.push(rec);
+        check_next(records.last().map(|r| r.lsn), h.lsn, seq).map_err(ProtoError::Malformed)?;
+        records.push(RecordRef {
+            lsn: h.lsn,
+            time_ns: h.time_ns,
+            op,
+        });
         off += len;
     }
     if off != raw.len() {
@@ -210,5 +281,134 @@ fn decode_records(raw: &[u8], count: usize, seq: Seq) -> Result<Batch, ProtoErro
             raw.len() - off
         ));
     }
-    Ok(Batch { records })
+    Ok(records)
+}
+
+/// Builds a BATCH frame record by record, straight into the buffer that is
+/// sent: a shipper encodes each record once, and forwards a large
+/// uncompressed WAL frame as it is stored, with only its CRC re-seeded for
+/// the wire ([`BatchBuilder::push_frame`]). [`BatchBuilder::finish`]
+/// compresses the section when that pays and seals the frame; the result
+/// is exactly what `encode_msg(&Msg::Batch(..))` gives for the same records.
+pub struct BatchBuilder {
+    /// Frame header, batch header, then the record section.
+    buf: Vec<u8>,
+    count: u32,
+    last: Option<u64>,
+}
+
+/// Where the record section starts in [`BatchBuilder`]'s buffer.
+const SECTION_AT: usize = super::FRAME_HEADER_LEN + BATCH_HEADER_LEN;
+
+impl Default for BatchBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BatchBuilder {
+    pub fn new() -> BatchBuilder {
+        BatchBuilder {
+            buf: vec![0; SECTION_AT],
+            count: 0,
+            last: None,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn records(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Bytes of the record section so far (before compression).
+    pub fn raw_len(&self) -> usize {
+        self.buf.len() - SECTION_AT
+    }
+
+    pub fn last_lsn(&self) -> Option<u64> {
+        self.last
+    }
+
+    /// Appends a record (its LSN must be greater than the last one's).
+    pub fn push(&mut self, lsn: u64, time_ns: i64, op: &Op<'_>) -> Result<(), ProtoError> {
+        check_next(self.last, lsn, Seq::Log).map_err(ProtoError::Encode)?;
+        let seed = codec::crc_seed(WIRE_SALT);
+        let body = PreparedBody::new(op, usize::MAX, seed)
+            .map_err(|e| ProtoError::Encode(format!("record LSN {lsn}: {e}")))?;
+        self.room(REC_HEADER_LEN + body.stored_len())?;
+        self.buf.extend_from_slice(&body.header(seed, lsn, time_ns));
+        for part in body.parts() {
+            self.buf.extend_from_slice(part);
+        }
+        self.count += 1;
+        self.last = Some(lsn);
+        Ok(())
+    }
+
+    /// Appends a WAL frame as stored in a segment whose CRC seed is `seed`:
+    /// `h` and `stored` must have passed the segment's CRC check and
+    /// `stored` must decode (the caller checks both); a compressed body is
+    /// refused (`Encode`: records are never compressed one by one on the
+    /// wire). The CRC is re-seeded, the body copied once and not summed.
+    pub fn push_frame(
+        &mut self,
+        h: &FrameHeader,
+        stored: &[u8],
+        seed: u32,
+    ) -> Result<(), ProtoError> {
+        check_next(self.last, h.lsn, Seq::Log).map_err(ProtoError::Encode)?;
+        if h.flags != 0 || stored.len() != h.stored_len() {
+            return Err(ProtoError::Encode(format!(
+                "record LSN {}: a compressed or cut frame is not forwarded",
+                h.lsn
+            )));
+        }
+        self.room(REC_HEADER_LEN + stored.len())?;
+        let wire = FrameHeader {
+            crc: codec::reseed_crc(h.crc, seed, codec::crc_seed(WIRE_SALT), stored.len()),
+            ..*h
+        };
+        self.buf.extend_from_slice(&wire.to_bytes());
+        self.buf.extend_from_slice(stored);
+        self.count += 1;
+        self.last = Some(h.lsn);
+        Ok(())
+    }
+
+    fn room(&self, more: usize) -> Result<(), ProtoError> {
+        let len = self.raw_len() + more;
+        if len > MAX_BATCH_RAW {
+            return Err(ProtoError::TooLarge {
+                len,
+                max: MAX_BATCH_RAW,
+            });
+        }
+        Ok(())
+    }
+
+    /// The whole BATCH frame, ready to send.
+    pub fn finish(mut self) -> Result<Vec<u8>, ProtoError> {
+        if self.count == 0 {
+            return Err(ProtoError::Encode("empty batch".into()));
+        }
+        let raw_len = self.raw_len();
+        let flags = match compress_if_pays(&self.buf[SECTION_AT..]) {
+            Some(c) => {
+                self.buf.truncate(SECTION_AT);
+                self.buf.extend_from_slice(&c);
+                FLAG_BATCH_LZ4
+            }
+            None => 0,
+        };
+        let h = super::FRAME_HEADER_LEN;
+        self.buf[4] = super::frame_type::BATCH;
+        self.buf[h] = flags;
+        self.buf[h + 1..h + 5].copy_from_slice(&self.count.to_le_bytes());
+        self.buf[h + 5..h + 9].copy_from_slice(&(raw_len as u32).to_le_bytes());
+        super::seal_frame(&mut self.buf, MAX_FRAME)?;
+        Ok(self.buf)
+    }
 }

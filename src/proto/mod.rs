@@ -16,7 +16,10 @@ use std::io::{self, Read, Write};
 
 use crate::wal::{Lsn, Record};
 
-pub use batch::{BATCH_HEADER_LEN, FLAG_BATCH_LZ4, MAX_BATCH_RAW, WIRE_SALT, record_wire_len};
+pub use batch::{
+    BATCH_HEADER_LEN, BatchBuilder, FLAG_BATCH_LZ4, MAX_BATCH_RAW, RecordRef, Section, WIRE_SALT,
+    record_wire_len, section as batch_section,
+};
 pub use handshake::{
     HANDSHAKE_MAX, MAGIC, NONCE_LEN, PROOF_LEN, check_volume_id, client_handshake,
     client_handshake_as, server_handshake,
@@ -331,6 +334,26 @@ pub fn read_msg(r: &mut impl Read) -> Result<Msg, ProtoError> {
     decode_msg(ty, &payload)
 }
 
+/// [`read_msg`] reading the payload into `buf`, which keeps its capacity
+/// for the next call (up to [`KEEP_BUF`]): a stream of large batches is
+/// received without a reallocation per frame.
+pub fn read_msg_buf(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Msg, ProtoError> {
+    let ty = read_frame_buf(r, buf)?;
+    decode_msg(ty, buf)
+}
+
+/// Reads one frame's payload into `buf` (see [`read_msg_buf`]) and returns
+/// its type, for [`decode_msg`] or, for a BATCH, [`batch_section`].
+pub fn read_frame_buf(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<u8, ProtoError> {
+    if buf.capacity() > KEEP_BUF {
+        *buf = Vec::new();
+    }
+    read_frame_into(r, MAX_FRAME, buf)
+}
+
+/// Largest receive buffer [`read_msg_buf`] keeps between frames.
+pub const KEEP_BUF: usize = 16 << 20;
+
 /// Decodes the payload of a frame of type `ty` (handshake types are refused).
 pub fn decode_msg(ty: u8, p: &[u8]) -> Result<Msg, ProtoError> {
     let mut c = sync::Cur::new(p, "message");
@@ -459,14 +482,33 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 pub(crate) fn read_frame(r: &mut impl Read, max: usize) -> Result<(u8, Vec<u8>), ProtoError> {
     let mut hdr = [0u8; FRAME_HEADER_LEN];
     read_header(r, &mut hdr)?;
+    let mut payload = Vec::new();
+    let ty = read_payload(r, hdr, max, &mut payload)?;
+    Ok((ty, payload))
+}
+
+/// [`read_frame`] into `buf` (cleared first); returns the type.
+fn read_frame_into(r: &mut impl Read, max: usize, buf: &mut Vec<u8>) -> Result<u8, ProtoError> {
+    let mut hdr = [0u8; FRAME_HEADER_LEN];
+    read_header(r, &mut hdr)?;
+    read_payload(r, hdr, max, buf)
+}
+
+fn read_payload(
+    r: &mut impl Read,
+    hdr: [u8; FRAME_HEADER_LEN],
+    max: usize,
+    payload: &mut Vec<u8>,
+) -> Result<u8, ProtoError> {
     let len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) as usize;
     if len > max {
         return Err(ProtoError::TooLarge { len, max });
     }
     // Grow with the bytes that actually arrive: a peer that announces a big
     // frame and sends nothing costs no memory.
-    let mut payload = Vec::with_capacity(len.min(64 << 10));
-    let got = r.take(len as u64).read_to_end(&mut payload)?;
+    payload.clear();
+    payload.reserve(len.min(64 << 10));
+    let got = r.take(len as u64).read_to_end(payload)?;
     if got != len {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -474,7 +516,7 @@ pub(crate) fn read_frame(r: &mut impl Read, max: usize) -> Result<(u8, Vec<u8>),
         )
         .into());
     }
-    Ok((hdr[4], payload))
+    Ok(hdr[4])
 }
 
 /// Like `read_exact`, but a close before the first byte is `Closed`.

@@ -21,8 +21,15 @@ pub struct ShipConfig {
     pub batch_bytes: u64,
     /// Upper bound of records in one batch.
     pub batch_records: usize,
-    /// Batches sent before waiting for an acknowledgement.
+    /// Most batches in flight (sent, not yet acknowledged).
     pub window: usize,
+    /// Most wire bytes in flight: the mirror acknowledges a batch once it is
+    /// durable, and makes a whole group of batches durable at once, so the
+    /// window must hold a few groups for the link and the mirror's disk to
+    /// work at the same time. Nothing in flight is held in memory (the WAL
+    /// has it), so this bounds what is re-sent after a broken link.
+    #[serde(deserialize_with = "de_size")]
+    pub window_bytes: u64,
     #[serde(deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
     /// A link silent for this long (no ack, no pong) is dropped and redialled.
@@ -31,7 +38,8 @@ pub struct ShipConfig {
     /// Ping an idle link this often.
     #[serde(deserialize_with = "de_duration")]
     pub keepalive: Duration,
-    /// Reconnect backoff: starts here, doubles, capped at `max_backoff`.
+    /// Reconnect backoff: starts here, doubles, capped at `max_backoff`
+    /// (at [`REFUSED_BACKOFF`] while the mirror's host refuses connections).
     #[serde(deserialize_with = "de_duration")]
     pub min_backoff: Duration,
     #[serde(deserialize_with = "de_duration")]
@@ -56,6 +64,12 @@ pub struct ShipConfig {
     pub coalesce: bool,
 }
 
+/// Longest wait between connection attempts while the mirror's host answers
+/// them with a refusal (nothing listens: the mirror is down or restarting):
+/// a refused attempt costs a SYN and a RST, so a returning mirror is found
+/// within this, not within `max_backoff`.
+pub const REFUSED_BACKOFF: Duration = Duration::from_millis(250);
+
 fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     de_duration(d).map(Some)
 }
@@ -68,7 +82,8 @@ impl Default for ShipConfig {
             volume: "default".into(),
             batch_bytes: 1 << 20,
             batch_records: 4096,
-            window: 4,
+            window: 256,
+            window_bytes: 64 << 20,
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(60),
             keepalive: Duration::from_secs(15),
@@ -88,8 +103,11 @@ impl ShipConfig {
         if self.batch_bytes < 4096 || self.batch_bytes > (16 << 20) {
             bail!("ship.batch_bytes must be between 4KiB and 16MiB");
         }
-        if self.window == 0 || self.window > 64 {
-            bail!("ship.window must be between 1 and 64");
+        if self.window == 0 || self.window > 4096 {
+            bail!("ship.window must be between 1 and 4096");
+        }
+        if self.window_bytes < self.batch_bytes || self.window_bytes > (1 << 30) {
+            bail!("ship.window_bytes must be between ship.batch_bytes and 1GiB");
         }
         if self.batch_records == 0 || self.batch_records > 65536 {
             bail!("ship.batch_records must be between 1 and 65536");

@@ -1,7 +1,10 @@
 //! The shipper: drains the WAL to a `replfs mirror` from the position the
 //! mirror acknowledged, in order, over a connection it re-establishes with
-//! capped exponential backoff. The backlog stays on disk: memory holds at most
-//! `window` batches of at most `batch_bytes` each.
+//! capped exponential backoff (retried within 250 ms while the mirror's host
+//! refuses connections). Up to `window_bytes` of batches are in flight; the
+//! backlog stays on disk: memory holds the WAL reader's window (≤ 8 MiB),
+//! the batch being built and at most three frames being sent — batches in
+//! flight are not kept (the WAL has them).
 
 pub mod coalesce;
 pub mod config;
@@ -10,7 +13,7 @@ pub mod tail;
 pub mod throttle;
 
 use std::collections::VecDeque;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,9 +32,11 @@ use throttle::Throttle;
 
 use crate::catalog::Catalog;
 use crate::exclude::Excludes;
-use crate::proto::{self, Batch, Key, Msg};
+use crate::proto::{self, BatchBuilder, Key, Msg};
 use crate::sync::Peer;
 use crate::sync::delta::{self, SyncArgs};
+use crate::wal::codec;
+use crate::wal::reader::RawFrame;
 use crate::wal::{Lsn, Op, Wal, WalError};
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -188,27 +193,33 @@ impl Ctx {
         let mut backoff = self.cfg.min_backoff;
         let mut last_err = String::new();
         while !self.stop.load(Ordering::Acquire) {
-            match self.session(mode) {
+            let e = match self.session(mode) {
                 Ok(Outcome::Stopped | Outcome::Drained) => return self.retire(),
-                Err(e) => {
-                    // A link that was up starts the backoff over: the
-                    // mirror is probably back in a moment (a restart).
-                    if self.stats.link.lock().connected {
-                        backoff = self.cfg.min_backoff;
-                        last_err.clear();
-                    }
-                    let msg = format!("{e:#}");
-                    if msg != last_err {
-                        warn!(
-                            "link to mirror {} (volume {}): {msg}; retrying",
-                            self.target.addr, self.target.volume
-                        );
-                        last_err = msg.clone();
-                    }
-                    self.set_link(false, Some(msg));
-                }
+                Err(e) => e,
+            };
+            let refused = is_refused(&e);
+            // A link that was up starts the backoff over: the
+            // mirror is probably back in a moment (a restart).
+            if self.stats.link.lock().connected {
+                backoff = self.cfg.min_backoff;
+                last_err.clear();
             }
-            self.sleep(backoff);
+            let msg = format!("{e:#}");
+            if msg != last_err {
+                warn!(
+                    "link to mirror {} (volume {}): {msg}; retrying",
+                    self.target.addr, self.target.volume
+                );
+                last_err = msg.clone();
+            }
+            self.set_link(false, Some(msg));
+            // A refusal is cheap to retry and means the host is up: the
+            // mirror is (re)starting; other failures back off in full.
+            self.sleep(if refused {
+                backoff.min(config::REFUSED_BACKOFF.max(self.cfg.min_backoff))
+            } else {
+                backoff
+            });
             backoff = (backoff * 2).min(self.cfg.max_backoff);
         }
     }
@@ -245,7 +256,7 @@ impl Ctx {
                     s.set_nodelay(true)?;
                     return Ok(s);
                 }
-                Err(e) => last = anyhow!("cannot connect to {a}: {e}"),
+                Err(e) => last = anyhow::Error::new(e).context(format!("cannot connect to {a}")),
             }
         }
         Err(last)
@@ -520,8 +531,10 @@ impl Ctx {
         cat: &Catalog,
         mode: Mode,
     ) -> Result<Outcome> {
-        let mut out = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
-        let mut in_flight: VecDeque<Lsn> = VecDeque::new();
+        let mut out = FrameWriter::start(stream.try_clone()?)?;
+        // Batches sent and not yet acknowledged: last LSN, wire bytes.
+        let mut in_flight: VecDeque<(Lsn, u64)> = VecDeque::new();
+        let mut in_flight_bytes = 0u64;
         let mut last_io = Instant::now();
         let mut idle_polls = 0u32;
         let mut durable_seen = (self.wal.durable_lsn(), Instant::now());
@@ -532,23 +545,21 @@ impl Ctx {
                 return Ok(Outcome::Stopped);
             }
             let mut sent = false;
-            while in_flight.len() < self.cfg.window {
+            while in_flight.len() < self.cfg.window && in_flight_bytes < self.cfg.window_bytes {
                 let limit = self.wal.durable_lsn();
-                let (batch, raw) = self.next_batch(&mut tail, limit, cat)?;
-                let Some(last) = batch.records.last().map(|r| r.lsn) else {
+                let Some((frame, raw, last)) = self.next_batch(&mut tail, limit, cat)? else {
                     break;
                 };
-                let frame = proto::encode_msg(&Msg::Batch(batch))?;
                 out.flush()?;
                 if !self.wait_tokens(frame.len() as u64, &mut out, &mut last_io)? {
                     return Ok(Outcome::Stopped);
                 }
-                out.write_all(&frame)?;
-                self.stats
-                    .wire_bytes
-                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                let len = frame.len() as u64;
+                out.send_frame(frame)?;
+                self.stats.wire_bytes.fetch_add(len, Ordering::Relaxed);
                 self.stats.raw_bytes.fetch_add(raw, Ordering::Relaxed);
-                in_flight.push_back(last);
+                in_flight.push_back((last, len));
+                in_flight_bytes += len;
                 sent = true;
             }
             if sent {
@@ -564,7 +575,8 @@ impl Ctx {
                 if caught_up && due {
                     repair_check = Instant::now();
                     if !cat.resync_list()?.is_empty() {
-                        out.flush()?;
+                        // The sync writes to the socket itself.
+                        out.drain()?;
                         self.repair(peer, cat)?;
                         last_io = Instant::now();
                         continue;
@@ -599,18 +611,38 @@ impl Ctx {
             } else {
                 Duration::from_millis(200)
             };
-            match peer.rx.recv_timeout(wait) {
-                Ok(Ok(Msg::Ack { lsn })) => {
-                    while in_flight.front().is_some_and(|&l| l <= lsn) {
-                        in_flight.pop_front();
+            // One message (waiting up to `wait`), then whatever else has
+            // arrived meanwhile: a wide window brings acks in bursts.
+            let mut next = peer.rx.recv_timeout(wait);
+            loop {
+                match next {
+                    Ok(Ok(Msg::Ack { lsn })) => {
+                        while let Some(&(l, n)) = in_flight.front() {
+                            if l > lsn {
+                                break;
+                            }
+                            in_flight.pop_front();
+                            in_flight_bytes -= n;
+                        }
+                        self.acked(lsn);
                     }
-                    self.acked(lsn);
+                    Ok(Ok(Msg::Pong)) => {}
+                    Ok(Ok(other)) => {
+                        bail!("unexpected {} message from the mirror", other.name())
+                    }
+                    Ok(Err(msg)) => bail!("{msg}"),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        bail!("the mirror closed the connection")
+                    }
                 }
-                Ok(Ok(Msg::Pong)) => {}
-                Ok(Ok(other)) => bail!("unexpected {} message from the mirror", other.name()),
-                Ok(Err(msg)) => bail!("{msg}"),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => bail!("the mirror closed the connection"),
+                next = match peer.rx.try_recv() {
+                    Ok(m) => Ok(m),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        Err(RecvTimeoutError::Disconnected)
+                    }
+                };
             }
         }
     }
@@ -653,29 +685,76 @@ impl Ctx {
         Ok(())
     }
 
-    /// Up to `batch_bytes` of records, none beyond `limit` (only durable
-    /// records leave the source: a machine crash cannot un-write them).
-    fn next_batch(&self, tail: &mut Tail, limit: Lsn, cat: &Catalog) -> Result<(Batch, u64)> {
-        let mut records = Vec::new();
-        let mut bytes = 0u64;
+    /// The BATCH frame of up to `batch_bytes` of records, none beyond
+    /// `limit` (only durable records leave the source: a machine crash
+    /// cannot un-write them), with its record bytes and last LSN; `None`
+    /// when no record is ready.
+    fn next_batch(
+        &self,
+        tail: &mut Tail,
+        limit: Lsn,
+        cat: &Catalog,
+    ) -> Result<Option<(Vec<u8>, u64, Lsn)>> {
         // Under a throttle a batch never exceeds the burst.
         let max = self.throttle.max_batch().map_or(self.cfg.batch_bytes, |b| {
             b.clamp(4096, self.cfg.batch_bytes)
         });
+        let mut b = BatchBuilder::new();
+        if self.cfg.coalesce {
+            self.coalesced_batch(tail, limit, cat, max, &mut b)?;
+        } else {
+            while (b.raw_len() as u64) < max
+                && b.records() < self.cfg.batch_records
+                && tail.next_lsn() <= limit
+            {
+                let took = tail.next_frame_with(|f, seed| add_frame(&mut b, f, seed))?;
+                match took {
+                    None => break,
+                    Some(Ok(None)) => {}
+                    Some(Ok(Some((path, reason, lsn)))) => {
+                        // Repaired by a sync once the shipper has caught up.
+                        cat.add_resync(&path, &reason, lsn)?;
+                    }
+                    Some(Err(e)) => {
+                        return Err(e).with_context(|| {
+                            format!("WAL segment {}", tail.segment_path().display())
+                        });
+                    }
+                }
+            }
+        }
+        let (Some(last), raw) = (b.last_lsn(), b.raw_len() as u64) else {
+            return Ok(None);
+        };
+        Ok(Some((b.finish()?, raw, last)))
+    }
+
+    /// [`Ctx::next_batch`] with `ship.coalesce`: the records are decoded,
+    /// and when more is waiting than the batch holds, writes that later
+    /// writes of the batch overwrite are left out or trimmed.
+    fn coalesced_batch(
+        &self,
+        tail: &mut Tail,
+        limit: Lsn,
+        cat: &Catalog,
+        max: u64,
+        b: &mut BatchBuilder,
+    ) -> Result<()> {
+        let mut records = Vec::new();
+        let mut bytes = 0u64;
         while bytes < max && records.len() < self.cfg.batch_records && tail.next_lsn() <= limit {
             match tail.next_record()? {
                 Some(r) => {
                     if let Op::Resync { path, reason } = &r.op {
-                        // Repaired by a sync once the shipper has caught up.
                         cat.add_resync(path, reason, r.lsn)?;
                     }
-                    bytes += record_size(&r.op);
+                    bytes += proto::record_wire_len(&r.op)? as u64;
                     records.push(r);
                 }
                 None => break,
             }
         }
-        if self.cfg.coalesce && !records.is_empty() && limit > tail.next_lsn() {
+        if !records.is_empty() && limit > tail.next_lsn() {
             // Behind: more is waiting than this batch holds.
             let before = records.len() as u64;
             let (kept, saved) = coalesce::coalesce(records);
@@ -687,23 +766,43 @@ impl Ctx {
                 .coalesced_bytes
                 .fetch_add(saved, Ordering::Relaxed);
         }
-        Ok((Batch { records }, bytes))
+        for r in &records {
+            b.push(r.lsn, r.time_ns, &r.op)?;
+        }
+        Ok(())
     }
 }
 
-/// An upper bound of a record's bytes in a batch, without encoding it (the
-/// frame header, paths, symlink target, names and data, plus fixed fields).
-fn record_size(op: &crate::wal::Op<'_>) -> u64 {
-    let paths: usize = op.paths().iter().map(|p| p.len()).sum();
-    let extra = match op {
-        crate::wal::Op::Symlink { target, .. } => target.len(),
-        crate::wal::Op::SetXattr { name, .. } | crate::wal::Op::RemoveXattr { name, .. } => {
-            name.len()
-        }
-        crate::wal::Op::Resync { reason, .. } => reason.len(),
-        _ => 0,
-    };
-    (op.data_len() as usize + paths + extra + 128) as u64
+/// Frames at least this large (stored, uncompressed) are forwarded as they
+/// are stored, their CRC re-seeded in O(log n) instead of re-summed; smaller
+/// ones are re-encoded (summing them is cheaper than the re-seeding).
+const FORWARD_MIN: usize = 16 << 10;
+
+/// Adds a WAL frame to a batch: decoded (borrowing its data: every record is
+/// checked as the mirror will check it), then forwarded or re-encoded.
+/// Returns the path and reason of a `Resync` record.
+fn add_frame(
+    b: &mut BatchBuilder,
+    f: &RawFrame<'_>,
+    seed: u32,
+) -> Result<Option<(Vec<u8>, String, Lsn)>> {
+    let h = &f.header;
+    let op = codec::decode_stored_ref(h, f.stored).map_err(|e| {
+        anyhow!(
+            "record {} at byte offset {} does not decode: {e}",
+            h.lsn,
+            f.offset
+        )
+    })?;
+    if h.flags == 0 && f.stored.len() >= FORWARD_MIN {
+        b.push_frame(h, f.stored, seed)?;
+    } else {
+        b.push(h.lsn, h.time_ns, &op)?;
+    }
+    Ok(match op {
+        Op::Resync { path, reason } => Some((path, reason, h.lsn)),
+        _ => None,
+    })
 }
 
 /// One sync a shipper runs: `paths` below `root` (the backing dir), then
@@ -716,6 +815,111 @@ struct SyncJob<'a> {
     clear: Option<i64>,
     /// Compare files by checksums even when size and mtime match.
     thorough: bool,
+}
+
+/// Frames sent to the mirror by a thread of its own, so that the next
+/// batch is read from the WAL and encoded while the last one is on its way
+/// (the socket blocks whenever the mirror is busy). At most [`SEND_QUEUE`]
+/// frames wait; small writes (PING) are collected until `flush`.
+struct FrameWriter {
+    tx: Option<crossbeam_channel::Sender<Vec<u8>>>,
+    small: Vec<u8>,
+    /// Frames queued and not yet written.
+    queued: Arc<AtomicU64>,
+    /// Why the writer thread stopped.
+    failed: Arc<Mutex<Option<std::io::Error>>>,
+}
+
+/// Frames waiting for the writer thread (besides the one being written).
+const SEND_QUEUE: usize = 2;
+
+impl FrameWriter {
+    fn start(mut stream: TcpStream) -> Result<FrameWriter> {
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(SEND_QUEUE);
+        let queued = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(Mutex::new(None));
+        let (q, f) = (queued.clone(), failed.clone());
+        // Not joined: it ends when the sender is dropped and the queue is
+        // written, or at the first error (a shut down or timed out socket).
+        std::thread::Builder::new()
+            .name("ship-send".into())
+            .spawn(move || {
+                for frame in rx {
+                    if let Err(e) = stream.write_all(&frame) {
+                        *f.lock() = Some(e);
+                        return;
+                    }
+                    q.fetch_sub(1, Ordering::AcqRel);
+                }
+            })
+            .context("cannot start the sender thread")?;
+        Ok(FrameWriter {
+            tx: Some(tx),
+            small: Vec::new(),
+            queued,
+            failed,
+        })
+    }
+
+    fn error(&self) -> std::io::Error {
+        match self.failed.lock().take() {
+            Some(e) => e,
+            None => std::io::Error::new(std::io::ErrorKind::BrokenPipe, "sender thread ended"),
+        }
+    }
+
+    /// Queues a whole frame (after any small writes before it).
+    fn send_frame(&mut self, frame: Vec<u8>) -> std::io::Result<()> {
+        self.flush()?;
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let tx = self.tx.as_ref().expect("sender present until drop");
+        if tx.send(frame).is_err() {
+            return Err(self.error());
+        }
+        Ok(())
+    }
+
+    /// Waits until everything queued is written.
+    fn drain(&mut self) -> std::io::Result<()> {
+        self.flush()?;
+        while self.queued.load(Ordering::Acquire) > 0 {
+            if self.failed.lock().is_some() {
+                return Err(self.error());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+}
+
+impl Write for FrameWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.small.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.small.is_empty() {
+            return Ok(());
+        }
+        let frame = std::mem::take(&mut self.small);
+        self.send_frame(frame)
+    }
+}
+
+impl Drop for FrameWriter {
+    fn drop(&mut self) {
+        let _ = self.flush();
+        self.tx = None;
+    }
+}
+
+/// Did the attempt fail because the mirror's host refused the connection?
+fn is_refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
 }
 
 /// Reads the mirror's messages into the channel; an error or a closed

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::wal::reader::{SegmentEnd, SegmentScanner};
+use crate::wal::reader::{RawFrame, SegmentEnd, SegmentScanner};
 use crate::wal::segment::{self, list_segments};
 use crate::wal::{Lsn, Record, WalError};
 
@@ -64,24 +64,61 @@ impl Tail {
         }
     }
 
+    /// The segment the cursor is in (for messages).
+    pub fn segment_path(&self) -> &Path {
+        self.scanner.path()
+    }
+
     /// The next record, or `None` when none is written yet.
     pub fn next_record(&mut self) -> Result<Option<Record>, WalError> {
         loop {
             if let Some(rec) = self.scanner.next_record()? {
                 return Ok(Some(rec));
             }
-            // End of data here: the writer may have moved to the next segment.
-            let next = self
-                .dir
-                .join(segment::segment_file_name(self.scanner.next_lsn()));
-            if next.exists() && next != self.scanner.path() {
-                // The segment must end cleanly before the next one takes over.
-                self.scanner.classify_end(false)?;
-                self.scanner = SegmentScanner::open(&next)?;
-                continue;
+            if !self.next_segment()? {
+                return Ok(None);
             }
-            self.scanner.refresh();
-            return Ok(None);
         }
+    }
+
+    /// The next frame (checked like [`Tail::next_record`]'s, not decoded),
+    /// handed to `f` with its segment's CRC seed while it is borrowed from
+    /// the read window; `None` when none is written yet.
+    pub fn next_frame_with<R>(
+        &mut self,
+        f: impl FnOnce(&RawFrame<'_>, u32) -> R,
+    ) -> Result<Option<R>, WalError> {
+        loop {
+            let seed = self.scanner.crc_seed();
+            if let Some(frame) = self.scanner.next_frame()? {
+                return Ok(Some(f(&frame, seed)));
+            }
+            if !self.next_segment()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// At the end of the data in this segment: moves to the next segment if
+    /// the writer has made it (true), else refreshes the window (false).
+    fn next_segment(&mut self) -> Result<bool, WalError> {
+        // End of data here: the writer may have moved to the next segment.
+        let next = self
+            .dir
+            .join(segment::segment_file_name(self.scanner.next_lsn()));
+        if next.exists() && next != self.scanner.path() {
+            // The writer finished this segment before it made the next
+            // one: read its end again (the window may predate it), then
+            // it must end cleanly before the next one takes over.
+            self.scanner.refresh();
+            if self.scanner.has_frame()? {
+                return Ok(true);
+            }
+            self.scanner.classify_end(false)?;
+            self.scanner = SegmentScanner::open(&next)?;
+            return Ok(true);
+        }
+        self.scanner.refresh();
+        Ok(false)
     }
 }

@@ -6,7 +6,9 @@
 use super::record::{Lsn, Op, Record};
 
 mod body;
-pub use body::{decode_body, encode_body, encode_body_vec, op_code, validate_path};
+pub use body::{
+    decode_body, decode_body_ref, encode_body, encode_body_vec, op_code, validate_path,
+};
 
 /// Longest path (bytes) a record may carry, like `PATH_MAX`.
 pub const MAX_PATH_LEN: usize = 4096;
@@ -178,6 +180,72 @@ pub fn crc_matches(seed: u32, h: &FrameHeader, stored: &[u8]) -> bool {
     seal_crc(crc32c::crc32c_append(seed, stored), &h.to_bytes()) == h.crc
 }
 
+/// [`decode_stored`] borrowing the data of an uncompressed body from
+/// `stored` (a compressed one is decompressed, so its op owns its data).
+pub fn decode_stored_ref<'a>(h: &FrameHeader, stored: &'a [u8]) -> Result<Op<'a>, CodecError> {
+    if h.flags & FLAG_LZ4 == 0 {
+        h.check()?;
+        return decode_body_ref(h.op_code, stored);
+    }
+    decode_stored(h, stored)
+}
+
+/// The CRC a frame carries when its segment's CRC seed is `to` instead of
+/// `from`, from the CRC it carries (`crc`) and its stored length, without
+/// reading the body: a CRC is affine in its seed, so the two differ by the
+/// seeds' difference shifted over the bytes summed (stored body + 28 header
+/// bytes), which `crc32c_combine` computes in O(log n).
+pub fn reseed_crc(crc: u32, from: u32, to: u32, stored_len: usize) -> u32 {
+    let summed = (stored_len + FRAME_HEADER_LEN - 4) as u64;
+    crc ^ mul_mod_p(x8n_mod_p(summed), from ^ to)
+}
+
+/// CRC32C's polynomial, bit-reflected.
+const POLY: u32 = 0x82F6_3B78;
+
+/// `a * b` modulo the CRC polynomial (bit-reflected: bit 31 is x^0), as in
+/// zlib's `multmodp`.
+const fn mul_mod_p(a: u32, mut b: u32) -> u32 {
+    let mut m = 1u32 << 31;
+    let mut p = 0;
+    while m != 0 {
+        if a & m != 0 {
+            p ^= b;
+        }
+        m >>= 1;
+        b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+    }
+    p
+}
+
+/// `X2N[k]` = x^(2^k) modulo the polynomial.
+const X2N: [u32; 64] = {
+    let mut t = [0u32; 64];
+    let mut p = 1u32 << 30; // x^1
+    let mut k = 0;
+    while k < 64 {
+        t[k] = p;
+        p = mul_mod_p(p, p);
+        k += 1;
+    }
+    t
+};
+
+/// x^(8n) modulo the polynomial: the operator that shifts a CRC over `n`
+/// zero bytes (popcount(n) multiplications).
+fn x8n_mod_p(mut n: u64) -> u32 {
+    let mut p = 1u32 << 31; // x^0
+    let mut k = 3;
+    while n != 0 && k < X2N.len() {
+        if n & 1 != 0 {
+            p = mul_mod_p(X2N[k], p);
+        }
+        n >>= 1;
+        k += 1;
+    }
+    p
+}
+
 /// Decompresses (if flagged) and decodes a frame's stored body.
 pub fn decode_stored(h: &FrameHeader, stored: &[u8]) -> Result<Op<'static>, CodecError> {
     h.check()?;
@@ -335,6 +403,23 @@ pub fn encode_frame(
 /// Decodes the frame at the start of `bytes` written in a segment with
 /// `salt`: checks length, CRC and body. Returns the record and frame length.
 pub fn decode_frame(salt: u64, bytes: &[u8]) -> Result<(Record, usize), CodecError> {
+    let (h, op, len) = decode_frame_ref(salt, bytes)?;
+    Ok((
+        Record {
+            lsn: h.lsn,
+            time_ns: h.time_ns,
+            op: op.into_owned(),
+        },
+        len,
+    ))
+}
+
+/// [`decode_frame`] borrowing the data of an uncompressed body from
+/// `bytes`: the header, the op and the frame length.
+pub fn decode_frame_ref(
+    salt: u64,
+    bytes: &[u8],
+) -> Result<(FrameHeader, Op<'_>, usize), CodecError> {
     let h = FrameHeader::parse(bytes).ok_or(CodecError::Truncated("frame header"))?;
     h.check()?;
     let len = h.frame_len as usize;
@@ -344,15 +429,8 @@ pub fn decode_frame(salt: u64, bytes: &[u8]) -> Result<(Record, usize), CodecErr
     if !crc_matches(crc_seed(salt), &h, stored) {
         return invalid("frame CRC mismatch");
     }
-    let op = decode_stored(&h, stored)?;
-    Ok((
-        Record {
-            lsn: h.lsn,
-            time_ns: h.time_ns,
-            op,
-        },
-        len,
-    ))
+    let op = decode_stored_ref(&h, stored)?;
+    Ok((h, op, len))
 }
 
 #[cfg(test)]

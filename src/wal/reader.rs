@@ -11,8 +11,14 @@ use super::record::{Lsn, Record};
 use super::segment::{self, HEADER_LEN, SegmentHeader, io_err};
 use super::writer::WalError;
 
-/// Bytes read at a time while scanning.
+/// Bytes examined at a time while scanning for zeros or frames.
 const CHUNK: usize = 1 << 20;
+/// Read-ahead of the window: the first read after a jump (or a
+/// [`SegmentScanner::refresh`]) takes this much, each sequential one twice
+/// the last, up to [`READ_MAX`]: a live tail re-reads little, a backlog is
+/// read in long runs.
+const READ_MIN: usize = 256 << 10;
+const READ_MAX: usize = 8 << 20;
 
 /// What a scan learned about one segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,43 +46,102 @@ pub enum SegmentEnd {
     Torn { offset: u64, end: u64 },
 }
 
-/// A positional reader that keeps a window of the file in memory.
+/// A positional reader that keeps a window of the file in memory. A read
+/// past the window's end that starts inside it keeps the bytes it still
+/// has (each byte of a sequential scan is read from the file once), and the
+/// buffer is zeroed only when it grows.
 struct ChunkReader {
     file: File,
     len: u64,
+    /// `buf[..filled]` holds the file's bytes from `start`.
     buf: Vec<u8>,
+    filled: usize,
     start: u64,
+    /// Size of the next read (see [`READ_MIN`]).
+    ahead: usize,
 }
 
 impl ChunkReader {
+    fn new(file: File, len: u64) -> ChunkReader {
+        ChunkReader {
+            file,
+            len,
+            buf: Vec::new(),
+            filled: 0,
+            start: 0,
+            ahead: READ_MIN,
+        }
+    }
+
     /// Up to `n` bytes at `off` (fewer at the end of the file).
     fn bytes(&mut self, off: u64, n: usize) -> io::Result<&[u8]> {
-        let end = self.start + self.buf.len() as u64;
+        let end = self.start + self.filled as u64;
         let want_end = off.saturating_add(n as u64).min(self.len);
         if off < self.start || want_end > end {
-            self.fill(off, n.max(CHUNK))?;
+            self.fill(off, n)?;
         }
         let from = (off - self.start) as usize;
-        let to = ((want_end.max(off) - self.start) as usize).min(self.buf.len());
+        let to = ((want_end.max(off) - self.start) as usize).min(self.filled);
         Ok(&self.buf[from.min(to)..to])
     }
 
+    /// Forgets the window (a live writer may have changed what it shows).
+    fn forget(&mut self) {
+        self.filled = 0;
+        self.start = 0;
+        self.ahead = READ_MIN;
+    }
+
     fn fill(&mut self, off: u64, n: usize) -> io::Result<()> {
-        let n = n.min(self.len.saturating_sub(off) as usize);
-        self.buf.resize(n, 0);
-        let mut got = 0;
-        while got < n {
-            match self.file.read_at(&mut self.buf[got..], off + got as u64) {
+        let end = self.start + self.filled as u64;
+        let sequential = self.filled > 0 && off >= self.start && off <= end;
+        self.ahead = if sequential {
+            (self.ahead * 2).min(READ_MAX)
+        } else {
+            READ_MIN
+        };
+        let total = (n.max(self.ahead) as u64).min(self.len.saturating_sub(off)) as usize;
+        // Bytes of the window at or after `off` (fewer than `n`: else no fill).
+        let mut got = if sequential {
+            let from = (off - self.start) as usize;
+            self.buf.copy_within(from..self.filled, 0);
+            self.filled - from
+        } else {
+            0
+        };
+        if self.buf.len() < total {
+            self.buf.resize(total, 0);
+        }
+        self.start = off;
+        self.filled = got;
+        while got < total {
+            match self
+                .file
+                .read_at(&mut self.buf[got..total], off + got as u64)
+            {
                 Ok(0) => break,
                 Ok(k) => got += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+            self.filled = got;
         }
-        self.buf.truncate(got);
-        self.start = off;
         Ok(())
     }
+}
+
+/// Index of the first non-zero byte (zeros are skipped 64 bytes at a time:
+/// the end of every segment is scanned this way).
+fn first_nonzero(w: &[u8]) -> Option<usize> {
+    let mut chunks = w.chunks_exact(64);
+    let mut at = 0;
+    for c in chunks.by_ref() {
+        if c.iter().fold(0u8, |a, &b| a | b) != 0 {
+            break;
+        }
+        at += 64;
+    }
+    w[at..].iter().position(|&b| b != 0).map(|i| at + i)
 }
 
 /// A validated frame found by [`SegmentScanner::next_frame`].
@@ -119,12 +184,7 @@ impl SegmentScanner {
     pub fn open(path: &Path) -> Result<SegmentScanner, WalError> {
         let file = File::open(path).map_err(io_err("open", path))?;
         let len = file.metadata().map_err(io_err("stat", path))?.len();
-        let mut rd = ChunkReader {
-            file,
-            len,
-            buf: Vec::new(),
-            start: 0,
-        };
+        let mut rd = ChunkReader::new(file, len);
         let corrupt = |reason: String| WalError::Corrupt {
             path: path.to_path_buf(),
             offset: 0,
@@ -165,8 +225,12 @@ impl SegmentScanner {
     /// Drops the cached window so the next read sees what a live writer
     /// appended since (the shipper follows the WAL this way).
     pub fn refresh(&mut self) {
-        self.rd.buf.clear();
-        self.rd.start = 0;
+        self.rd.forget();
+    }
+
+    /// The CRC seed of this segment's frames (see `codec::crc_seed`).
+    pub fn crc_seed(&self) -> u32 {
+        self.seed
     }
 
     /// LSN the next valid frame must carry.
@@ -201,6 +265,15 @@ impl SegmentScanner {
             header: h,
             stored,
         }))
+    }
+
+    /// Is a valid frame at the cursor? (The cursor does not move.)
+    pub fn has_frame(&mut self) -> Result<bool, WalError> {
+        let (pos, lsn) = (self.pos, self.next_lsn);
+        let found = self.next_frame()?.is_some();
+        self.pos = pos;
+        self.next_lsn = lsn;
+        Ok(found)
     }
 
     /// The next valid record, decoded; `None` like [`Self::next_frame`].
@@ -255,7 +328,7 @@ impl SegmentScanner {
         if let Some(y) = self.find_valid_frame(x + 1)? {
             // A live writer may have finished the frame at `x` meanwhile (the
             // reader takes no lock): read it again before crying corruption.
-            self.rd.buf.clear();
+            self.rd.forget();
             if self.frame_at(x, self.next_lsn)?.is_some() && self.next_frame()?.is_some() {
                 self.pos = x;
                 self.next_lsn -= 1;
@@ -305,7 +378,7 @@ impl SegmentScanner {
                 break;
             }
             let hit = if first {
-                w.iter().position(|&b| b != 0)
+                first_nonzero(w)
             } else {
                 w.iter().rposition(|&b| b != 0)
             };

@@ -215,6 +215,30 @@ impl Op<'_> {
         }
     }
 
+    /// The same op borrowing its payload from this one (write data and
+    /// xattr values are not copied; paths and names are).
+    pub fn reborrow(&self) -> Op<'_> {
+        match self {
+            Op::Write {
+                path,
+                offset,
+                data,
+                attr,
+            } => Op::Write {
+                path: path.clone(),
+                offset: *offset,
+                data: Cow::Borrowed(data),
+                attr: *attr,
+            },
+            Op::SetXattr { path, name, value } => Op::SetXattr {
+                path: path.clone(),
+                name: name.clone(),
+                value: Cow::Borrowed(value),
+            },
+            other => other.clone(),
+        }
+    }
+
     /// A copy that owns its payload (what a decoded [`Record`] holds).
     pub fn into_owned(self) -> Op<'static> {
         match self {

@@ -357,6 +357,12 @@ impl<'a> Dec<'a> {
 
 /// Decodes a body (uncompressed) stored under `code`. Never panics.
 pub fn decode_body(code: u8, body: &[u8]) -> Result<Op<'static>, CodecError> {
+    decode_body_ref(code, body).map(Op::into_owned)
+}
+
+/// [`decode_body`] borrowing the data of writes and xattr values from
+/// `body` instead of copying them (the same checks).
+pub fn decode_body_ref(code: u8, body: &[u8]) -> Result<Op<'_>, CodecError> {
     check_len("record body", body.len(), MAX_BODY_LEN)?;
     let mut d = Dec { b: body };
     let op = match code {
@@ -386,7 +392,7 @@ pub fn decode_body(code: u8, body: &[u8]) -> Result<Op<'static>, CodecError> {
     Ok(op)
 }
 
-fn decode_create(d: &mut Dec<'_>) -> Result<Op<'static>, CodecError> {
+fn decode_create<'a>(d: &mut Dec<'a>) -> Result<Op<'a>, CodecError> {
     let path = d.path("path")?;
     let code = d.u8("node kind")?;
     let Some(&kind) = NodeKind::ALL.get(code as usize) else {
@@ -402,7 +408,7 @@ fn decode_create(d: &mut Dec<'_>) -> Result<Op<'static>, CodecError> {
     })
 }
 
-fn decode_symlink(d: &mut Dec<'_>) -> Result<Op<'static>, CodecError> {
+fn decode_symlink<'a>(d: &mut Dec<'a>) -> Result<Op<'a>, CodecError> {
     let path = d.path("path")?;
     let target = d.short("symlink target", MAX_PATH_LEN)?;
     if target.contains(&0) {
@@ -417,7 +423,7 @@ fn decode_symlink(d: &mut Dec<'_>) -> Result<Op<'static>, CodecError> {
     })
 }
 
-fn decode_write(d: &mut Dec<'_>) -> Result<Op<'static>, CodecError> {
+fn decode_write<'a>(d: &mut Dec<'a>) -> Result<Op<'a>, CodecError> {
     let path = d.path("path")?;
     let offset = d.u64("offset")?;
     let attr = d.attr()?;
@@ -426,12 +432,12 @@ fn decode_write(d: &mut Dec<'_>) -> Result<Op<'static>, CodecError> {
     Ok(Op::Write {
         path,
         offset,
-        data: Cow::Owned(data.to_vec()),
+        data: Cow::Borrowed(data),
         attr,
     })
 }
 
-fn decode_meta(code: u8, d: &mut Dec<'_>) -> Result<Op<'static>, CodecError> {
+fn decode_meta<'a>(code: u8, d: &mut Dec<'a>) -> Result<Op<'a>, CodecError> {
     let path = d.path("path")?;
     Ok(match code {
         OP_TRUNCATE => {
@@ -458,7 +464,7 @@ fn decode_meta(code: u8, d: &mut Dec<'_>) -> Result<Op<'static>, CodecError> {
             Op::SetXattr {
                 path,
                 name,
-                value: Cow::Owned(value.to_vec()),
+                value: Cow::Borrowed(value),
             }
         }
         OP_REMOVEXATTR => Op::RemoveXattr {
