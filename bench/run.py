@@ -62,7 +62,7 @@ def free_port():
 class Replfs:
     """The mirror and the mount we started, and how to stop/restart them."""
 
-    def __init__(self, scratch, state_parent=None):
+    def __init__(self, scratch, state_parent=None, mirror_parent=None):
         self.s = scratch
         self.backing = os.path.join(scratch, "backing")
         self.mnt = os.path.join(scratch, "mnt")
@@ -71,7 +71,11 @@ class Replfs:
                       if state_parent else os.path.join(scratch, "state"))
         if state_parent:
             EXTRA_DIRS.append(self.state)
-        self.mirror_dir = os.path.join(scratch, "mirror")
+        # --mirror-dir: the replica on another file system (a remote site's disk).
+        self.mirror_dir = (tempfile.mkdtemp(prefix="replfs-bench-mirror.", dir=mirror_parent)
+                           if mirror_parent else os.path.join(scratch, "mirror"))
+        if mirror_parent:
+            EXTRA_DIRS.append(self.mirror_dir)
         self.mstate = os.path.join(scratch, "mirror-state")
         self.key = os.path.join(scratch, "key")
         for d in (self.backing, self.mnt, self.state, self.mirror_dir, self.mstate):
@@ -598,6 +602,9 @@ def main():
     ap.add_argument("--state-dir", metavar="DIR",
                     help="put the mount's state dir (the WAL) in a new dir under DIR, e.g. on another "
                          "device (or /dev/shm, tmpfs: an upper bound, not durable)")
+    ap.add_argument("--mirror-dir", metavar="DIR",
+                    help="put the mirror's replica in a new dir under DIR (e.g. /dev/shm), as if the "
+                         "DR site's disk were another machine's")
     ap.add_argument("--only", metavar="GROUPS", default="local,lag,compression,backlog",
                     help="comma-separated subset of local,lag,compression,backlog (default: all)")
     ARGS = ap.parse_args()
@@ -641,6 +648,9 @@ def main():
         sfs = run(["stat", "-f", "-c", "%T", ARGS.state_dir], capture_output=True).stdout.decode().strip()
         sdev = run(["df", "--output=source", ARGS.state_dir], capture_output=True).stdout.decode().split()[-1]
         print(f"state dir (WAL) under {ARGS.state_dir}: fs={sfs} dev={sdev}")
+    if ARGS.mirror_dir:
+        mfs = run(["stat", "-f", "-c", "%T", ARGS.mirror_dir], capture_output=True).stdout.decode().strip()
+        print(f"mirror replica under {ARGS.mirror_dir}: fs={mfs}")
     print(f"mode: {'quick' if q else 'full'}, repeats={reps}, fio {run(['fio', '--version'], capture_output=True).stdout.decode().strip()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  git: "
           + run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, check=False).stdout.decode().strip(), flush=True)
@@ -652,7 +662,7 @@ def main():
     log(f"tarball: {nfiles} files, {tbytes / MIB:.1f} MiB")
     rnd_src = random_block_file(SCRATCH, 64 * MIB)
 
-    rf = Replfs(SCRATCH, ARGS.state_dir)
+    rf = Replfs(SCRATCH, ARGS.state_dir, ARGS.mirror_dir)
     rf.config = os.path.abspath(ARGS.config) if ARGS.config else None
     rf.start_mirror()
     rf.start_mount()
