@@ -91,6 +91,15 @@ fn rig() -> Rig {
     }
 }
 
+/// Overwrites bytes at `offset` and puts the mtime back: a change only
+/// checksums can see.
+fn rewrite_keeping_mtime(p: &Path, offset: u64, bytes: &[u8]) {
+    let mtime = fs::metadata(p).unwrap().modified().unwrap();
+    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+    f.set_modified(mtime).unwrap();
+}
+
 fn run_sync(r: &Rig, ex: &Excludes, paths: &[&[u8]]) -> (Report, u64) {
     run_sync_with(r, ex, paths, false)
 }
@@ -260,15 +269,7 @@ fn verify_finds_nothing_on_a_synced_pair_and_names_damage() {
     };
     assert_eq!(check(&r), vec![]);
     // Same size, same mtime, different bytes: only hashes can tell.
-    let p = r.dst.join("a/b/c/deep");
-    let mtime = fs::metadata(&p).unwrap().modified().unwrap();
-    fs::write(&p, b"DEEP").unwrap();
-    fs::File::options()
-        .write(true)
-        .open(&p)
-        .unwrap()
-        .set_modified(mtime)
-        .unwrap();
+    rewrite_keeping_mtime(&r.dst.join("a/b/c/deep"), 0, b"DEEP");
     fs::write(r.dst.join("extra"), b"e").unwrap();
     fs::remove_file(r.dst.join("a.txt")).unwrap();
     let d = check(&r);
@@ -283,20 +284,7 @@ fn a_thorough_repair_finds_bytes_that_size_and_mtime_hide() {
     let r = rig();
     populate(&r.src);
     run_sync(&r, &Excludes::default(), &[b""]);
-    let p = r.dst.join("a/f1");
-    let mtime = fs::metadata(&p).unwrap().modified().unwrap();
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&p)
-        .unwrap()
-        .write_all_at(b"zz", 5000)
-        .unwrap();
-    fs::File::options()
-        .write(true)
-        .open(&p)
-        .unwrap()
-        .set_modified(mtime)
-        .unwrap();
+    rewrite_keeping_mtime(&r.dst.join("a/f1"), 5000, b"zz");
     let (rep, _) = run_sync(&r, &Excludes::default(), &[b"a"]);
     assert_eq!(rep.delta_files, 0, "a quick check cannot see it");
     let (rep, _) = run_sync_with(&r, &Excludes::default(), &[b"a"], true);
