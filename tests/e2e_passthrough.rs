@@ -13,7 +13,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::workload::pattern;
 use common::*;
@@ -121,15 +121,9 @@ fn mount_shipping(p: &Pair, config: Option<&str>) -> Mount {
 /// Waits until the mirror equals BACKING and no repair is pending.
 fn converge(p: &Pair) {
     wait_converged(&p.rig.backing, &p.mdir, CONVERGE);
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        let st = status_json(&p.rig.state);
-        if st["resync_pending"] == 0 && st["acked_lsn"] == st["head_lsn"] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "repairs never finished: {st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_status(&p.rig.state, CONVERGE, "repairs never finished", |st| {
+        st["resync_pending"] == 0 && st["acked_lsn"] == st["head_lsn"]
+    });
     wait_converged(&p.rig.backing, &p.mdir, CONVERGE);
 }
 

@@ -192,15 +192,9 @@ fn mirror_killed_with_batches_in_flight_converges_exactly_once() {
     }
     w.join().unwrap();
     wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        let st = status_json(&p.rig.state);
-        if st["lag_records"] == 0 && st["acked_lsn"] == st["head_lsn"] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not all acknowledged: {st}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_status(&p.rig.state, CONVERGE, "not all acknowledged", |st| {
+        st["lag_records"] == 0 && st["acked_lsn"] == st["head_lsn"]
+    });
     assert!(
         in_flight_kills > 0,
         "the mirror was never killed with a backlog"

@@ -454,6 +454,25 @@ pub fn status_json(state: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("status --json is JSON")
 }
 
+/// Polls `replfs status --json` until `done` holds for it (and returns it),
+/// failing with `what` and the last status after `timeout`.
+pub fn wait_status(
+    state: &Path,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let st = status_json(state);
+        if done(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{what}: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A source rig with a key file and an empty replica directory beside it
 /// (`mirror-dir`, mode 0755 like BACKING), for a mirror to serve.
 pub struct Site {
