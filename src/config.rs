@@ -147,6 +147,10 @@ pub struct MountConfig {
     /// reach the daemon; see docs/operations.md for shared writable mmap).
     /// Needs root and a kernel with CONFIG_FUSE_PASSTHROUGH (6.9+); the
     /// kernel refuses it together with the writeback cache, which then wins.
+    /// Off by default: stores through a shared writable mapping of such a
+    /// direct-I/O open that outlives its close reach BACKING unseen (the
+    /// mapping holds the backing file, not the FUSE one), which would break
+    /// "every change logged or recorded for resync".
     pub passthrough: bool,
 }
 
@@ -157,7 +161,7 @@ impl Default for MountConfig {
             attr_timeout: Duration::from_secs(60),
             allow_other: true,
             writeback_cache: false,
-            passthrough: true,
+            passthrough: false,
         }
     }
 }
@@ -420,12 +424,9 @@ mod tests {
         assert!(format!("{err:#}").contains("writeback_cache"), "{err:#}");
         let c = Config::parse("[mount]\nwriteback_cache = true\n").unwrap();
         assert!(c.mount.writeback_cache);
-        assert!(
-            c.mount.passthrough,
-            "on by default; the writeback cache wins at init"
-        );
-        let c = Config::parse("[mount]\npassthrough = false\n").unwrap();
-        assert!(!c.mount.passthrough);
+        assert!(!c.mount.passthrough, "off by default");
+        let c = Config::parse("[mount]\npassthrough = true\n").unwrap();
+        assert!(c.mount.passthrough);
         let err = Config::parse("[mount]\npassthrough = \"yes\"\n").unwrap_err();
         assert!(format!("{err:#}").contains("passthrough"), "{err:#}");
     }

@@ -114,8 +114,13 @@ impl Drop for Map {
     }
 }
 
+/// `mount.passthrough` is off by default: every mount here turns it on.
+const ON: &str = "[mount]\npassthrough = true\n";
+
+/// `config` holds top-level keys only; the `[mount]` table comes after them.
 fn mount_shipping(p: &Pair, config: Option<&str>) -> Mount {
-    Mount::start_shipping(&p.rig, config, &p.mirror.addr(), &p.key)
+    let config = format!("{}{ON}", config.unwrap_or(""));
+    Mount::start_shipping(&p.rig, Some(&config), &p.mirror.addr(), &p.key)
 }
 
 /// Waits until the mirror equals BACKING and no repair is pending.
@@ -144,8 +149,8 @@ fn read_only_reads_are_served_by_the_kernel_not_the_daemon() {
     let data = pattern(8 * MIB, 11);
     fs::write(rig.backing.join("big"), &data).unwrap();
 
-    // Passthrough on (the default).
-    let m = rig.mount(None);
+    // Passthrough on.
+    let m = rig.mount(Some(ON));
     let on = passthrough_on(&rig.state);
     let before = counter(&rig.state, "read_requests");
     assert_eq!(read_all(ro(&rig.mnt.join("big"))), data);

@@ -55,8 +55,9 @@ impl Core {
         Ok(())
     }
 
-    /// ... and at its release (the kernel releases a file after its last
-    /// mapping is gone) compares: a ctime other than the one the last
+    /// ... and at its release compares (a release comes at `close()`; a
+    /// mapping that outlives it holds BACKING's file, and its later stores
+    /// go unseen: why `mount.passthrough` is off by default): a ctime other than the one the last
     /// logged change left means a change replfs did not see; the path is
     /// then logged as needing resync (DESIGN.md invariant 2). Changes by
     /// replfs that do not go through `log_node` (link, rename) make this
@@ -150,17 +151,18 @@ impl Core {
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Res<Vec<u8>> {
         let h = self.handle(fh)?;
         self.stats.read_requests.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .read_bytes
-            .fetch_add(u64::from(size), Ordering::Relaxed);
-        match sys::pread_full(h.fd.as_raw_fd(), size as usize, off) {
+        let data = match sys::pread_full(h.fd.as_raw_fd(), size as usize, off) {
             // A write-only handle the writeback cache reads through (see `open_rw`).
             Err(Errno(libc::EBADF)) if self.writeback.load(Ordering::Acquire) => {
                 let r = sys::reopen(h.node.raw(), libc::O_RDONLY)?;
                 sys::pread_full(r.as_raw_fd(), size as usize, off)
             }
             r => r,
-        }
+        }?;
+        self.stats
+            .read_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data)
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8], kill_suidgid: bool) -> Res<u32> {

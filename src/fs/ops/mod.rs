@@ -216,8 +216,6 @@ impl Core {
         self.wal.commit(lsn).map_err(Errno::from)
     }
 
-    /// Marks a change to these paths as in flight until the mark is dropped
-    /// (after the record is appended). An unknown path marks the whole tree.
     /// The start every new entry shares (create, mknod, mkdir, symlink): the
     /// WAL admits it, the exclusive namespace lock is taken, the parent is
     /// resolved and stat'ed, and the new path is marked in flight.
@@ -239,6 +237,8 @@ impl Core {
         })
     }
 
+    /// Marks a change to these paths as in flight until the mark is dropped
+    /// (after the record is appended). An unknown path marks the whole tree.
     fn mark(&self, paths: &[Option<&[u8]>]) -> Mark<'_> {
         let p: Vec<&[u8]> = paths.iter().map(|p| p.unwrap_or(b"")).collect();
         self.inflight.begin(&p)
