@@ -247,14 +247,34 @@ impl Catalog {
     /// Records that `path` (empty = the whole tree) needs a repair on the
     /// mirror (its changes are in the log, or were never meant to be).
     pub fn add_resync(&self, path: &[u8], reason: &str, lsn: Lsn) -> Result<(), CatalogError> {
+        self.add_resyncs(&[path], reason, lsn)
+    }
+
+    /// [`Catalog::add_resync`] for many paths in one transaction (one
+    /// commit, not one per path). No deduplication against pending rows: a
+    /// repair in progress clears the rows it started with, so a row added
+    /// meanwhile must stand on its own (repairs collapse duplicate paths).
+    pub fn add_resyncs(
+        &self,
+        paths: &[impl AsRef<[u8]>],
+        reason: &str,
+        lsn: Lsn,
+    ) -> Result<(), CatalogError> {
         let now = crate::wal::segment::now_ns();
-        self.conn
-            .execute(
-                "INSERT INTO resync (path, reason, lsn, time_ns) VALUES (?1, ?2, ?3, ?4)",
-                params![path, reason, to_sql(lsn), now],
-            )
-            .map(drop)
-            .map_err(|e| self.err(e))
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO resync (path, reason, lsn, time_ns) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(|e| self.err(e))?;
+            for p in paths {
+                insert
+                    .execute(params![p.as_ref(), reason, to_sql(lsn), now])
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
     }
 
     /// Records that a change to `path` went to BACKING but not into the log
@@ -367,6 +387,17 @@ mod tests {
         assert_eq!((r[0].path.as_slice(), r[0].lsn), (&b"a/b"[..], 12));
         c.clear_resync(r[0].id).unwrap();
         assert!(c.resync_list().unwrap().is_empty());
+        // Many at once, duplicates kept (a repair in progress clears only
+        // the rows it started with), in order.
+        c.add_resyncs(&[b"x".to_vec(), b"y".to_vec(), b"x".to_vec()], "mirror", 3)
+            .unwrap();
+        let r: Vec<_> = c
+            .resync_list()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.path)
+            .collect();
+        assert_eq!(r, vec![b"x".to_vec(), b"y".to_vec(), b"x".to_vec()]);
         c.remove_segment(1).unwrap();
         assert_eq!(c.segments().unwrap().len(), 1);
     }

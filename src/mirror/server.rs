@@ -235,10 +235,10 @@ fn serve(shared: &Shared, mut s: TcpStream, peer: SocketAddr, id: u64) {
     session(vol, &s, &cx, repairs_upto);
 }
 
-/// The repair requests as sent: at most 10,000 paths, else the whole tree.
+/// The repair requests as sent: at most `MAX_REPAIRS` paths, else the whole tree.
 fn repairs_for_the_wire(paths: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     let paths = crate::sync::collapse(paths);
-    if paths.len() > 10_000 {
+    if paths.len() > crate::proto::MAX_REPAIRS {
         vec![Vec::new()]
     } else {
         paths

@@ -37,6 +37,9 @@ pub const FRAME_HEADER_LEN: usize = 5;
 pub const MAX_ERROR_LEN: usize = 1024;
 /// Longest volume id.
 pub const MAX_VOLUME_ID_LEN: usize = 64;
+/// Most paths a REPAIRS message holds (a mirror asks for the whole tree
+/// instead); a peer's bigger count is refused before anything is reserved.
+pub const MAX_REPAIRS: usize = 10_000;
 
 /// Frame type codes (table in `docs/protocol.md`).
 pub mod frame_type {
@@ -432,7 +435,7 @@ pub fn decode_msg(ty: u8, p: &[u8]) -> Result<Msg, ProtoError> {
         },
         t::REPAIRS => {
             let n = c.u32()? as usize;
-            if n > c.rest().len() / 2 {
+            if n > MAX_REPAIRS || n > c.rest().len() / 2 {
                 return malformed(format!("Repairs of {n} paths in {} bytes", p.len()));
             }
             let mut paths = Vec::with_capacity(n);

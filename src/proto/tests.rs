@@ -413,6 +413,16 @@ fn other_bad_frames_are_malformed() {
         frame(frame_type::HELLO, &[0; 40]),
         frame(frame_type::BATCH, &[0; 9]),
         frame(frame_type::BATCH, &[2, 1, 0, 0, 0, 32, 0, 0, 0]),
+        // More paths than a REPAIRS may hold, with room for them all in the
+        // frame: refused before any of it is reserved.
+        frame(frame_type::REPAIRS, &{
+            let n = (MAX_REPAIRS + 1) as u32;
+            let mut p = n.to_le_bytes().to_vec();
+            for _ in 0..n {
+                p.extend_from_slice(&[1, 0, b'a']);
+            }
+            p
+        }),
     ];
     for f in &bad {
         assert!(
@@ -422,6 +432,15 @@ fn other_bad_frames_are_malformed() {
     }
     assert!(matches!(read_bytes(&[1, 0]), Err(ProtoError::Io(_))));
     assert!(matches!(read_bytes(&[]), Err(ProtoError::Closed)));
+    // The most a REPAIRS may hold is read.
+    let mut p = (MAX_REPAIRS as u32).to_le_bytes().to_vec();
+    for _ in 0..MAX_REPAIRS {
+        p.extend_from_slice(&[1, 0, b'a']);
+    }
+    match read_bytes(&frame(frame_type::REPAIRS, &p)) {
+        Ok(Msg::Repairs { paths }) => assert_eq!(paths.len(), MAX_REPAIRS),
+        other => panic!("{other:?}"),
+    }
 }
 
 proptest! {

@@ -273,9 +273,7 @@ impl Ctx {
         let source_id = cat.source_id()?;
         match proto::read_msg(&mut stream)? {
             Msg::Repairs { paths } => {
-                for p in &paths {
-                    cat.add_resync(p, "the mirror asked for a repair", ready.applied)?;
-                }
+                cat.add_resyncs(&paths, "the mirror asked for a repair", ready.applied)?;
                 if !paths.is_empty() {
                     info!(
                         "mirror {} (volume {}) asks for the repair of {} path(s)",
@@ -467,9 +465,7 @@ impl Ctx {
         let (report, until) = delta::sync(peer, &args, paths, token, &horizon)?;
         let sent = self.stats.sync.bytes_sent.load(Ordering::Relaxed) - sent_before;
         let touched = touched_paths(&self.state, from, until)?;
-        for p in &touched {
-            cat.add_resync(p, "changed while the mirror was being synced", until)?;
-        }
+        cat.add_resyncs(&touched, "changed while the mirror was being synced", until)?;
         if let Some(id) = clear {
             cat.clear_resync(id)?;
         }
