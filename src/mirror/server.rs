@@ -193,7 +193,14 @@ fn serve(shared: &Shared, mut s: TcpStream, peer: SocketAddr, id: u64) {
             return;
         }
     };
-    let ready = vol.ready();
+    let ready = match vol.ready_durable(&shared.db) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("peer {peer} volume {vol_id}: persisting the applied position: {e:#}");
+            send_error(&s, "mirror cannot persist its position");
+            return;
+        }
+    };
     if let Err(e) = shared.db.lock().set_peer(&vol_id, &peer.to_string()) {
         warn!("peer {peer} volume {vol_id}: recording the peer: {e:#}");
     }

@@ -369,4 +369,8 @@ fn applying_moves_the_catalog_only_when_a_persist_covers_it() {
     ));
     assert_eq!(catalog(), 3);
     assert!(r.dir.join("d").exists());
+    // ... and the successor's READY, which the shipper takes as acknowledged,
+    // reports it only once it is durable.
+    let ready = r.vol.ready_durable(&r.db).unwrap();
+    assert_eq!((ready.applied, catalog()), (4, 4));
 }

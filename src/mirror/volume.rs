@@ -198,6 +198,25 @@ impl Volume {
         }
     }
 
+    /// What READY tells a shipper, made durable first: the shipper takes it
+    /// as acknowledged and retires its WAL up to it, and a connection that
+    /// lost the volume to a takeover may have applied batches its persister
+    /// never covered. One syncfs and one catalog write per connection.
+    pub fn ready_durable(&self, db: &Mutex<MirrorDb>) -> Result<crate::proto::ReadyInfo> {
+        let inner = self.inner.lock();
+        self.reader
+            .sync()
+            .map_err(|e| anyhow::anyhow!("syncfs of {}: {e}", self.dir.display()))?;
+        let _catalog = self.persist_lock.lock();
+        let now = crate::wal::segment::now_ns();
+        db.lock()
+            .set_applied(&self.id, inner.applied, inner.applied_time_ns, now)?;
+        Ok(crate::proto::ReadyInfo {
+            applied: inner.applied,
+            source: inner.source.clone(),
+        })
+    }
+
     /// SYNC_BEGIN: the replica now belongs to `source`, at `lsn` of its log
     /// (a baseline of the whole tree follows). Persisted before the Ack.
     pub fn sync_begin(&self, lsn: Lsn, source: &str, cx: &Ctx<'_>) -> Result<Lsn, BatchError> {
