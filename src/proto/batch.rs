@@ -315,10 +315,6 @@ impl BatchBuilder {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
     pub fn records(&self) -> usize {
         self.count as usize
     }

@@ -337,16 +337,10 @@ pub fn read_msg(r: &mut impl Read) -> Result<Msg, ProtoError> {
     decode_msg(ty, &payload)
 }
 
-/// [`read_msg`] reading the payload into `buf`, which keeps its capacity
-/// for the next call (up to [`KEEP_BUF`]): a stream of large batches is
-/// received without a reallocation per frame.
-pub fn read_msg_buf(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Msg, ProtoError> {
-    let ty = read_frame_buf(r, buf)?;
-    decode_msg(ty, buf)
-}
-
-/// Reads one frame's payload into `buf` (see [`read_msg_buf`]) and returns
-/// its type, for [`decode_msg`] or, for a BATCH, [`batch_section`].
+/// Reads one frame's payload into `buf` and returns its type, for
+/// [`decode_msg`] or, for a BATCH, [`batch_section`]. `buf` keeps its
+/// capacity for the next call (up to [`KEEP_BUF`]): a stream of large
+/// batches is received without a reallocation per frame.
 pub fn read_frame_buf(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<u8, ProtoError> {
     if buf.capacity() > KEEP_BUF {
         *buf = Vec::new();
@@ -354,8 +348,8 @@ pub fn read_frame_buf(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<u8, ProtoE
     read_frame_into(r, MAX_FRAME, buf)
 }
 
-/// Largest receive buffer [`read_msg_buf`] keeps between frames.
-pub const KEEP_BUF: usize = 16 << 20;
+/// Largest receive buffer [`read_frame_buf`] keeps between frames.
+const KEEP_BUF: usize = 16 << 20;
 
 /// Decodes the payload of a frame of type `ty` (handshake types are refused).
 pub fn decode_msg(ty: u8, p: &[u8]) -> Result<Msg, ProtoError> {
