@@ -168,6 +168,10 @@ fn mirror_killed_with_batches_in_flight_converges_exactly_once() {
     let mut p = Pair::new(7);
     let cfg = "[ship]\nbatch_bytes = \"64KiB\"\nwindow_bytes = \"16MiB\"\n";
     let m = Mount::start_shipping(&p.rig, Some(cfg), &p.mirror.addr(), &p.key);
+    // The first pairing is a baseline (of an empty tree); none may follow.
+    let paired = wait_status(&p.rig.state, CONVERGE, "first pairing", |st| {
+        st["link"] == "connected" && st["sync"]["phase"] == "idle" && st["sync"]["baselines"] == 1
+    });
     let done = Arc::new(AtomicU64::new(0));
     let w = order_sensitive_writer(p.rig.mnt.clone(), done.clone());
     let mut in_flight_kills = 0;
@@ -192,9 +196,13 @@ fn mirror_killed_with_batches_in_flight_converges_exactly_once() {
     }
     w.join().unwrap();
     wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
-    wait_status(&p.rig.state, CONVERGE, "not all acknowledged", |st| {
+    let st = wait_status(&p.rig.state, CONVERGE, "not all acknowledged", |st| {
         st["lag_records"] == 0 && st["acked_lsn"] == st["head_lsn"]
     });
+    assert_eq!(
+        st["sync"]["baselines"], paired["sync"]["baselines"],
+        "the restarts resumed from the mirror's position, no baseline: {st}"
+    );
     assert!(
         in_flight_kills > 0,
         "the mirror was never killed with a backlog"
