@@ -65,10 +65,18 @@ impl Core {
     pub fn check_unlogged(&self, fh: u64) -> Res<bool> {
         let h = self.handle(fh)?;
         let node = &h.node;
+        let unchanged = |st: &libc::stat| {
+            crate::fs::inodes::ctime_ns(st) == node.logged_ctime.load(Ordering::Acquire)
+        };
+        // Without locks first: the usual answer. A change in progress only
+        // sends this to the locked look below, which sees it finished.
+        if unchanged(&sys::fstat(h.fd.as_raw_fd())?) {
+            return Ok(false);
+        }
         let ns = self.ns.read();
         let d = node.data.lock();
         let st = sys::fstat(h.fd.as_raw_fd())?;
-        if crate::fs::inodes::ctime_ns(&st) == node.logged_ctime.load(Ordering::Acquire) {
+        if unchanged(&st) {
             return Ok(false);
         }
         let Target::Log(path) = self.target(node) else {
