@@ -21,7 +21,7 @@ pub enum TimeSet {
 }
 
 impl TimeSet {
-    fn timespec(t: Option<TimeSet>) -> libc::timespec {
+    pub(super) fn timespec(t: Option<TimeSet>) -> libc::timespec {
         match t {
             None => libc::timespec {
                 tv_sec: 0,

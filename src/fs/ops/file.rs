@@ -185,14 +185,8 @@ impl Core {
             sys::pwrite_all(fd, data, off)?;
             if let Some(b) = before {
                 let times = [
-                    libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: libc::UTIME_OMIT,
-                    },
-                    libc::timespec {
-                        tv_sec: b.st_mtime,
-                        tv_nsec: b.st_mtime_nsec,
-                    },
+                    TimeSet::timespec(None),
+                    TimeSet::timespec(Some(TimeSet::At(b.st_mtime, b.st_mtime_nsec as u32))),
                 ];
                 sys::futimens(fd, &times)?;
             }
