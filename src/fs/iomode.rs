@@ -288,4 +288,31 @@ mod tests {
         m.release(1);
         assert_eq!(m.open(3, 2, true, false, || Ok(())).mode, Mode::Cached);
     }
+
+    #[test]
+    fn an_inode_in_passthrough_mode_stays_there_when_new_passthrough_stops() {
+        // A permanent refusal turns new passthrough off while an inode
+        // already has passthrough opens: the kernel still wants every open
+        // of it in passthrough mode (a cached one would fail with EIO).
+        static ALIVE: AtomicU32 = AtomicU32::new(0);
+        let m = IoModes::default();
+        assert_eq!(
+            m.open(9, 1, true, true, reg(&ALIVE)).mode,
+            Mode::Passthrough
+        );
+        let r = m.open(9, 2, true, false, reg(&ALIVE));
+        assert_eq!(r.mode, Mode::Passthrough);
+        assert_eq!(
+            m.open(9, 3, false, false, reg(&ALIVE)).mode,
+            Mode::PassthroughDio
+        );
+        assert_eq!(ALIVE.load(Ordering::SeqCst), 1, "the same backing id");
+        assert_eq!(m.counts(9), (0, 3, 1));
+        drop(r);
+        for fh in 1..=3 {
+            m.release(fh);
+        }
+        // Once the inode left passthrough mode, new opens are cached.
+        assert_eq!(m.open(9, 4, true, false, reg(&ALIVE)).mode, Mode::Cached);
+    }
 }
