@@ -24,13 +24,18 @@ impl Pair {
     }
 
     /// Waits until the mirror equals BACKING and nothing is left to repair.
+    /// The trees are identical and the shipper is done: connected, no sync
+    /// running (an empty tree is identical before its baseline has even
+    /// begun), nothing to ship, no repair waiting.
     fn converge(&self) {
         wait_converged(&self.rig.backing, &self.mdir, CONVERGE);
-        let deadline = Instant::now() + CONVERGE;
-        while self.status()["resync_pending"].as_u64() != Some(0) {
-            assert!(Instant::now() < deadline, "repairs never finished");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_status(&self.rig.state, CONVERGE, "shipper not settled", |st| {
+            st["link"] == "connected"
+                && st["sync"]["phase"] == "idle"
+                && st["sync"]["baselines"].as_u64() >= Some(1)
+                && st["lag_records"] == 0
+                && st["resync_pending"] == 0
+        });
         wait_converged(&self.rig.backing, &self.mdir, CONVERGE);
     }
 
