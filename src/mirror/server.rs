@@ -418,6 +418,29 @@ fn apply_batch_frame(
     buffered_empty: bool,
 ) -> bool {
     let (reached, result) = vol.apply_refs(recs, cx);
+    // Records applied again in doubt (after a machine crash): the paths
+    // they name go to the shipper now, ahead of the batch's ACK; the
+    // catalog keeps them for the next connection's REPAIRS as well.
+    let repairs = vol.take_repairs();
+    if !repairs.is_empty() {
+        let paths = repairs_for_the_wire(repairs);
+        info!(
+            "peer {} volume {}: asking for the repair of {} path(s) in doubt",
+            cx.peer,
+            vol.id,
+            paths.len()
+        );
+        let sent = {
+            let _g = acks.send.lock();
+            proto::write_msg(&mut &*s, &Msg::Repairs { paths })
+        };
+        if let Err(e) = sent {
+            warn!(
+                "peer {} volume {}: cannot send Repairs: {e}",
+                cx.peer, vol.id
+            );
+        }
+    }
     let ack = result.is_ok().then_some(reached.lsn);
     let bytes = recs.iter().map(|r| r.op.data_len() + 64).sum();
     let more = !buffered_empty || wait_readable_fd(s.as_raw_fd(), 0);

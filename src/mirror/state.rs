@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS sources (
     source  TEXT NOT NULL,
     horizon INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS in_doubt (
+    volume  TEXT PRIMARY KEY,
+    upto    INTEGER NOT NULL
+);
 ";
 
 fn to_sql(v: u64) -> i64 {
@@ -203,7 +207,39 @@ impl MirrorDb {
         .with_context(|| self.ctx())?;
         tx.execute("DELETE FROM resync WHERE volume = ?1", [volume])
             .with_context(|| self.ctx())?;
+        tx.execute("DELETE FROM in_doubt WHERE volume = ?1", [volume])
+            .with_context(|| self.ctx())?;
         tx.commit().with_context(|| self.ctx())
+    }
+
+    /// The last LSN of the records a machine crash left in doubt (0: none):
+    /// see `Volume::open`.
+    pub fn in_doubt(&self, volume: &str) -> Result<Lsn> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT upto FROM in_doubt WHERE volume = ?1",
+                [volume],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .with_context(|| self.ctx())?
+            .map_or(0, |v| v as u64))
+    }
+
+    /// Records that the records up to `upto` are in doubt (0: none are).
+    pub fn set_in_doubt(&self, volume: &str, upto: Lsn) -> Result<()> {
+        let r = if upto == 0 {
+            self.conn
+                .execute("DELETE FROM in_doubt WHERE volume = ?1", [volume])
+        } else {
+            self.conn.execute(
+                "INSERT INTO in_doubt (volume, upto) VALUES (?1, ?2)
+                 ON CONFLICT (volume) DO UPDATE SET upto = excluded.upto",
+                params![volume, to_sql(upto)],
+            )
+        };
+        r.map(drop).with_context(|| self.ctx())
     }
 
     pub fn add_resync(&self, volume: &str, path: &[u8], reason: &str, lsn: Lsn) -> Result<()> {
@@ -216,6 +252,34 @@ impl MirrorDb {
             )
             .map(drop)
             .with_context(|| self.ctx())
+    }
+
+    /// Records several resync requests in one transaction (one flush).
+    pub fn add_resyncs(
+        &self,
+        volume: &str,
+        paths: &[Vec<u8>],
+        reason: &str,
+        lsn: Lsn,
+    ) -> Result<()> {
+        let now = crate::wal::segment::now_ns();
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .with_context(|| self.ctx())?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO resync (volume, path, reason, lsn, time_ns)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .with_context(|| self.ctx())?;
+            for p in paths {
+                st.execute(params![volume, p, reason, to_sql(lsn), now])
+                    .with_context(|| self.ctx())?;
+            }
+        }
+        tx.commit().with_context(|| self.ctx())
     }
 
     /// The paths of a volume's resync requests (for the shipper to repair)
@@ -295,7 +359,8 @@ pub fn lock_state(state: &Path) -> Result<File> {
 
 /// The content of a position file (64 bytes, little-endian):
 /// magic `RPLFSPOS`, applied LSN, applied record time, LSN of a
-/// `RENAME_EXCHANGE` being applied (0: none), reserved, CRC32C of 0..60.
+/// `RENAME_EXCHANGE` being applied (0: none), the boot it was written
+/// during, reserved, CRC32C of 0..60.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Position {
     pub applied: Lsn,
@@ -303,6 +368,30 @@ pub struct Position {
     /// Set just before an exchange is applied, cleared with the next write:
     /// if a restart finds it set, that exchange may or may not have happened.
     pub exchange: Lsn,
+    /// The kernel's boot id when the file was written (all zero: unknown,
+    /// or a file from before boot ids were recorded). [`PositionFile::write`]
+    /// stamps the current one.
+    pub boot: [u8; 16],
+}
+
+/// The running kernel's boot id (`/proc/sys/kernel/random/boot_id`, a
+/// random UUID drawn at every boot); `None` when it cannot be read.
+pub fn boot_id() -> Option<[u8; 16]> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    parse_uuid(text.trim())
+}
+
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = s.bytes().filter(|&b| b != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let pair = std::str::from_utf8(pair).ok()?;
+        id[i] = u8::from_str_radix(pair, 16).ok()?;
+    }
+    (id != [0; 16]).then_some(id)
 }
 
 const POS_MAGIC: &[u8; 8] = b"RPLFSPOS";
@@ -315,6 +404,7 @@ impl Position {
         b[8..16].copy_from_slice(&self.applied.to_le_bytes());
         b[16..24].copy_from_slice(&self.time_ns.to_le_bytes());
         b[24..32].copy_from_slice(&self.exchange.to_le_bytes());
+        b[32..48].copy_from_slice(&self.boot);
         let crc = crc32c::crc32c(&b[..60]);
         b[60..64].copy_from_slice(&crc.to_le_bytes());
         b
@@ -331,19 +421,25 @@ impl Position {
         if &b[0..8] != POS_MAGIC || crc32c::crc32c(&b[..60]) != crc {
             return None;
         }
+        let mut boot = [0u8; 16];
+        boot.copy_from_slice(&b[32..48]);
         Some(Position {
             applied: u64_at(8),
             time_ns: u64_at(16) as i64,
             exchange: u64_at(24),
+            boot,
         })
     }
 }
 
 /// `STATE/positions/<volume>.pos`, rewritten in place (`pwrite`) after
-/// every applied record and fsynced at the end of every batch.
+/// every applied record, stamped with the current boot id.
 pub struct PositionFile {
     file: File,
     path: PathBuf,
+    /// This boot's id (zeros when unknown: then no file is ever trusted
+    /// as written during this boot).
+    boot: [u8; 16],
 }
 
 impl PositionFile {
@@ -376,7 +472,11 @@ impl PositionFile {
                 None
             }
         };
-        let pf = PositionFile { file, path };
+        let pf = PositionFile {
+            file,
+            path,
+            boot: boot_id().unwrap_or_default(),
+        };
         if n == 0 {
             pf.write(Position::default())?;
             pf.sync()?;
@@ -385,8 +485,23 @@ impl PositionFile {
         Ok((pf, pos))
     }
 
-    /// Rewrites the position (page cache: survives a kill of the process).
+    /// Rewrites the position, stamped with this boot's id (page cache:
+    /// survives a kill of the process, not always a crash of the machine).
     pub fn write(&self, p: Position) -> Result<()> {
+        self.write_as(Position {
+            boot: self.boot,
+            ..p
+        })
+    }
+
+    /// Was `p` (as read from the file) written during this boot? Then the
+    /// replica's page cache held every change applied before it.
+    pub fn same_boot(&self, p: &Position) -> bool {
+        self.boot != [0; 16] && p.boot == self.boot
+    }
+
+    /// Writes `p` with the boot id it carries (tests: another boot's file).
+    pub fn write_as(&self, p: Position) -> Result<()> {
         self.file
             .write_all_at(&p.to_bytes(), 0)
             .with_context(|| format!("cannot write position file {}", self.path.display()))
@@ -429,11 +544,26 @@ mod tests {
             applied: 9,
             time_ns: -3,
             exchange: 10,
+            boot: boot_id().expect("a boot id"),
         };
-        pf.write(want).unwrap();
+        pf.write(Position {
+            boot: [7; 16],
+            ..want
+        })
+        .unwrap();
+        assert!(pf.same_boot(&want));
         drop(pf);
+        let (pf, p) = PositionFile::open(dir.path(), "v").unwrap();
+        assert_eq!(p, Some(want), "written with this boot's id");
+        let other = Position {
+            boot: [7; 16],
+            ..want
+        };
+        pf.write_as(other).unwrap();
+        assert!(!pf.same_boot(&other));
+        assert!(!pf.same_boot(&Position::default()), "zeros: unknown boot");
         let (_, p) = PositionFile::open(dir.path(), "v").unwrap();
-        assert_eq!(p, Some(want));
+        assert_eq!(p, Some(other));
         let f = dir.path().join(POSITIONS_DIR).join("v.pos");
         let mut b = std::fs::read(&f).unwrap();
         b[9] ^= 1;
@@ -456,6 +586,38 @@ mod tests {
         db.add_resync("v", b"a", "why", 3).unwrap();
         db.add_resync("v", b"a", "why", 3).unwrap();
         assert_eq!(db.resync_list("v").unwrap().len(), 1);
+        db.add_resyncs("v", &[b"a".to_vec(), b"b".to_vec()], "why", 3)
+            .unwrap();
+        assert_eq!(db.resync_list("v").unwrap().len(), 2);
+        assert_eq!(db.in_doubt("v").unwrap(), 0);
+        db.set_in_doubt("v", 9).unwrap();
+        db.set_in_doubt("v", 12).unwrap();
+        assert_eq!(db.in_doubt("v").unwrap(), 12);
+        db.begin_baseline("v", "src", 1, 0).unwrap();
+        assert_eq!(db.in_doubt("v").unwrap(), 0, "a baseline voids it");
+        assert!(db.resync_list("v").unwrap().is_empty());
+        db.set_in_doubt("v", 4).unwrap();
+        db.set_in_doubt("v", 0).unwrap();
+        assert_eq!(db.in_doubt("v").unwrap(), 0);
+    }
+
+    #[test]
+    fn boot_ids_parse_as_uuids() {
+        assert_eq!(
+            parse_uuid("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
+            Some([
+                0x0f, 0x1e, 0x2d, 0x3c, 0x4b, 0x5a, 0x69, 0x78, 0x87, 0x96, 0xa5, 0xb4, 0xc3, 0xd2,
+                0xe1, 0xf0
+            ])
+        );
+        for bad in [
+            "",
+            "0f1e",
+            "zz1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+            "00000000-0000-0000-0000-000000000000",
+        ] {
+            assert_eq!(parse_uuid(bad), None, "{bad}");
+        }
     }
 
     #[test]

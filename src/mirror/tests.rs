@@ -223,11 +223,159 @@ fn the_position_file_wins_when_ahead_of_the_catalog() {
     pf.write(Position {
         applied: 7,
         time_ns: 9,
-        exchange: 0,
+        ..Position::default()
     })
     .unwrap();
     r.reopen();
-    assert_eq!(r.vol.applied(), 7);
+    assert_eq!(r.vol.applied(), 7, "written during this boot: trusted");
+    assert_eq!(r.db.lock().in_doubt("v").unwrap(), 0);
+}
+
+/// The position file as a run before the machine restarted left it.
+fn position_from_another_boot(r: &Rig, applied: Lsn, exchange: Lsn) {
+    let (pf, _) = PositionFile::open(&r.state, "v").unwrap();
+    pf.write_as(Position {
+        applied,
+        time_ns: 0,
+        exchange,
+        boot: [0xab; 16],
+    })
+    .unwrap();
+}
+
+fn exchange(a: &str, b: &str) -> Op<'static> {
+    Op::Rename {
+        from: a.as_bytes().to_vec(),
+        to: b.as_bytes().to_vec(),
+        flags: libc::RENAME_EXCHANGE,
+        from_parent_mtime: Ts::default(),
+        to_parent_mtime: Ts::default(),
+    }
+}
+
+fn repair_rows(r: &Rig) -> Vec<String> {
+    let mut p: Vec<String> = (r.db.lock().resync_list("v").unwrap())
+        .into_iter()
+        .map(|row| String::from_utf8(row.path).unwrap())
+        .collect();
+    p.sort();
+    p
+}
+
+#[test]
+fn after_a_machine_crash_the_records_past_the_catalog_are_applied_again_in_doubt() {
+    let mut r = Rig::new();
+    r.apply(&batch(
+        1,
+        vec![create("a"), create("b"), write("a", 0, b"A")],
+    ))
+    .unwrap();
+    // The last run applied up to LSN 8, but only the catalog's LSN 3 is
+    // known to be on disk: the file was written before the machine restarted.
+    position_from_another_boot(&r, 8, 0);
+    r.reopen();
+    assert_eq!(r.vol.applied(), 3, "the catalog's durable position");
+    assert_eq!(r.db.lock().in_doubt("v").unwrap(), 8);
+    // The shipper resends from LSN 4. A write to a file that a later record
+    // (already on disk) removed is outrun, not an error; the exchange may
+    // have happened: it is not applied again.
+    let b = batch(
+        4,
+        vec![
+            create("c"),
+            write("c", 0, b"C"),
+            exchange("a", "b"),
+            write("gone", 0, b"x"),
+            create("d"),
+        ],
+    );
+    assert_eq!(r.apply(&b).unwrap(), 8);
+    assert_eq!(fs::read(r.dir.join("a")).unwrap(), b"A", "not swapped");
+    assert_eq!(fs::read(r.dir.join("c")).unwrap(), b"C");
+    assert!(r.dir.join("d").exists());
+    // Every path they name is to be repaired from the source, and is handed
+    // to the connection once for a REPAIRS message.
+    assert_eq!(repair_rows(&r), ["a", "b", "c", "d", "gone"]);
+    assert_eq!(r.vol.take_repairs().len(), 5);
+    assert!(r.vol.take_repairs().is_empty());
+    assert_eq!(r.db.lock().in_doubt("v").unwrap(), 0, "persisted past it");
+    // Past the doubt a record that cannot apply is an error again.
+    let e = r
+        .apply(&batch(9, vec![write("gone", 0, b"x")]))
+        .unwrap_err();
+    assert!(matches!(e, BatchError::Apply(_)), "{e}");
+}
+
+#[test]
+fn the_doubt_outlives_restarts_until_a_persist_passes_it() {
+    let mut r = Rig::new();
+    r.apply(&batch(1, vec![create("a")])).unwrap();
+    position_from_another_boot(&r, 6, 7);
+    r.reopen();
+    assert_eq!(r.vol.applied(), 1);
+    assert_eq!(
+        r.db.lock().in_doubt("v").unwrap(),
+        7,
+        "the exchange being applied at the crash is in doubt too"
+    );
+    r.apply(&batch(2, vec![create("b"), write("b", 0, b"B")]))
+        .unwrap();
+    // A restart of the process now (same boot) and one after another
+    // machine crash both keep the bound.
+    r.reopen();
+    assert_eq!(
+        (r.vol.applied(), r.db.lock().in_doubt("v").unwrap()),
+        (3, 7)
+    );
+    position_from_another_boot(&r, 4, 0);
+    r.reopen();
+    assert_eq!(
+        (r.vol.applied(), r.db.lock().in_doubt("v").unwrap()),
+        (3, 7)
+    );
+    let b = batch(
+        4,
+        vec![
+            write("gone", 0, b"x"),
+            create("c"),
+            exchange("a", "c"),
+            write("a", 0, b"A"),
+        ],
+    );
+    assert_eq!(r.apply(&b).unwrap(), 7);
+    assert!(repair_rows(&r).contains(&"gone".to_string()));
+    assert_eq!(r.db.lock().in_doubt("v").unwrap(), 0);
+    // A stale file from another boot that is not ahead of the catalog puts
+    // nothing in doubt.
+    position_from_another_boot(&r, 7, 0);
+    r.reopen();
+    assert_eq!(
+        (r.vol.applied(), r.db.lock().in_doubt("v").unwrap()),
+        (7, 0)
+    );
+}
+
+#[test]
+fn a_baseline_voids_the_doubt() {
+    let mut r = Rig::new();
+    r.apply(&batch(1, vec![create("a")])).unwrap();
+    position_from_another_boot(&r, 5, 0);
+    r.reopen();
+    let alive = volume::test_liveness();
+    let cx = Ctx {
+        peer: "127.0.0.1:1".parse().unwrap(),
+        db: &r.db,
+        alive: &alive,
+        shutdown: &r.stop,
+    };
+    r.vol.sync_begin(100, "src", &cx).unwrap();
+    assert_eq!(r.db.lock().in_doubt("v").unwrap(), 0);
+    // LSN 101 of the new source is not in doubt: applied strictly.
+    let e = r
+        .apply(&batch(101, vec![write("gone", 0, b"x")]))
+        .unwrap_err();
+    assert!(matches!(e, BatchError::Apply(_)), "{e}");
+    assert!(repair_rows(&r).is_empty());
 }
 
 #[test]
@@ -243,6 +391,7 @@ fn an_exchange_in_doubt_is_not_reapplied_but_recorded() {
         applied: 3,
         time_ns: 0,
         exchange: 4,
+        ..Position::default()
     })
     .unwrap();
     r.reopen();

@@ -1,6 +1,7 @@
 //! One replicated volume on the mirror: its apply engine, its persisted
 //! position, and which shipper currently owns it.
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +31,10 @@ pub(super) struct Volume {
     /// connection that lost the volume never writes a position after its
     /// successor did (see [`Volume::persist_upto`]).
     persist_lock: Mutex<()>,
+    /// Records up to this LSN are in doubt after a machine crash (0: none):
+    /// see [`Volume::open`]. Kept in `mirror.db` until a persisted
+    /// position passes it.
+    doubt: AtomicU64,
 }
 
 /// A position reached by applying: the last applied LSN and the log time
@@ -52,6 +57,12 @@ struct Inner {
     /// Records up to here may be skipped when they cannot apply (a sync
     /// went past them; the shipper repairs what they touched).
     horizon: Lsn,
+    /// Paths named by records re-applied in doubt since the last flush to
+    /// the catalog, and the position before the first of them.
+    doubt_paths: BTreeSet<Vec<u8>>,
+    before_doubt: Option<Applied>,
+    /// Paths recorded for repair and not yet sent to the shipper.
+    unsent: Vec<Vec<u8>>,
 }
 
 /// The connection that currently owns a volume.
@@ -134,8 +145,16 @@ impl Drop for Claim {
 }
 
 impl Volume {
-    /// Opens the volume's apply root and position; the position is the
-    /// larger of the catalog's and the position file's.
+    /// Opens the volume's apply root and position. The catalog's position
+    /// is durable (recorded after a `syncfs`); the position file, written
+    /// after every record, may be ahead of it. When the file was written
+    /// during this boot, the page cache held every change before it, so it
+    /// is the position. When it was written during another boot, the
+    /// machine went down since: the file may have reached the disk while
+    /// some of the changes before it did not. Then the records after the
+    /// catalog's position are applied again, tolerating those the tree has
+    /// already outrun, never re-applying an exchange, and every path they
+    /// name is recorded for the shipper to repair.
     pub fn open(id: &str, dir: &Path, state: &Path, db: &MirrorDb) -> Result<Volume> {
         let applier = Applier::open(dir)?;
         let reader = Applier::open(dir)?;
@@ -145,7 +164,10 @@ impl Volume {
         let (cat_lsn, cat_time) = row.map_or((0, 0), |r| (r.applied_lsn, r.applied_time_ns));
         let (pos, from_file) = PositionFile::open(state, id)?;
         let file = from_file.unwrap_or_default();
-        let (applied, applied_time_ns) = if file.applied > cat_lsn {
+        let mut doubt = db.in_doubt(id)?;
+        let (applied, applied_time_ns) = if file.applied <= cat_lsn {
+            (cat_lsn, cat_time)
+        } else if pos.same_boot(&file) {
             info!(
                 "volume {id}: position file is ahead of the catalog ({} > {cat_lsn}): \
                  the last run stopped inside a batch",
@@ -153,14 +175,30 @@ impl Volume {
             );
             (file.applied, file.time_ns)
         } else {
+            // Recorded before the file is rewritten below: that erases the
+            // evidence.
+            doubt = doubt.max(file.applied).max(file.exchange);
+            db.set_in_doubt(id, doubt)?;
+            warn!(
+                "volume {id}: the position file (LSN {}) was written before the machine \
+                 restarted and is ahead of the catalog (LSN {cat_lsn}): records up to LSN \
+                 {doubt} may be partly on disk; they are applied again and what they touch \
+                 is repaired from the source",
+                file.applied
+            );
             (cat_lsn, cat_time)
         };
+        if doubt != 0 && doubt <= applied {
+            doubt = 0;
+            db.set_in_doubt(id, 0)?;
+        }
         let exchange_in_doubt =
             (file.applied == applied && file.exchange == applied + 1).then_some(file.exchange);
         pos.write(Position {
             applied,
             time_ns: applied_time_ns,
             exchange: exchange_in_doubt.unwrap_or(0),
+            ..Position::default()
         })?;
         info!(
             "volume {id}: serving {} at applied LSN {applied}",
@@ -178,9 +216,13 @@ impl Volume {
                 exchange_in_doubt,
                 source,
                 horizon,
+                doubt_paths: BTreeSet::new(),
+                before_doubt: None,
+                unsent: Vec::new(),
             }),
             session: Mutex::new(None),
             persist_lock: Mutex::new(()),
+            doubt: AtomicU64::new(doubt),
         })
     }
 
@@ -208,9 +250,7 @@ impl Volume {
             .sync()
             .map_err(|e| anyhow::anyhow!("syncfs of {}: {e}", self.dir.display()))?;
         let _catalog = self.persist_lock.lock();
-        let now = crate::wal::segment::now_ns();
-        db.lock()
-            .set_applied(&self.id, inner.applied, inner.applied_time_ns, now)?;
+        self.record_applied(&db.lock(), inner.applied, inner.applied_time_ns)?;
         Ok(crate::proto::ReadyInfo {
             applied: inner.applied,
             source: inner.source.clone(),
@@ -234,6 +274,7 @@ impl Volume {
                 applied: lsn,
                 time_ns: now,
                 exchange: 0,
+                ..Position::default()
             })
             .map_err(BatchError::Persist)?;
         inner.pos.sync().map_err(BatchError::Persist)?;
@@ -245,6 +286,11 @@ impl Volume {
         inner.applied_time_ns = now;
         inner.exchange_in_doubt = None;
         inner.source = source.to_owned();
+        // The baseline voided the repair requests and the doubt.
+        self.doubt.store(0, Ordering::SeqCst);
+        inner.doubt_paths.clear();
+        inner.before_doubt = None;
+        inner.unsent.clear();
         Ok(lsn)
     }
 
@@ -406,7 +452,57 @@ impl Volume {
             }
             cx.alive.touch();
         }
+        if let Err(e) = self.flush_doubt(&mut inner, cx) {
+            result = Err(e);
+        }
         (reached(&inner), result)
+    }
+
+    /// Records the paths of the records re-applied in doubt in the catalog,
+    /// in one transaction, before any persist can move the position past
+    /// them. If that fails, the position goes back to before the first of
+    /// them (they are applied again next time: they are in doubt).
+    fn flush_doubt(&self, inner: &mut Inner, cx: &Ctx<'_>) -> Result<(), BatchError> {
+        let Some(before) = inner.before_doubt.take() else {
+            return Ok(());
+        };
+        let paths: Vec<Vec<u8>> = std::mem::take(&mut inner.doubt_paths).into_iter().collect();
+        let reason = "applied again after a machine crash of the mirror";
+        let recorded = cx
+            .db
+            .lock()
+            .add_resyncs(&self.id, &paths, reason, inner.applied);
+        match recorded {
+            Ok(()) => {
+                info!(
+                    "volume {} peer {}: {} path(s) named by records in doubt (up to LSN {}) \
+                     recorded for repair",
+                    self.id,
+                    cx.peer,
+                    paths.len(),
+                    inner.applied
+                );
+                inner.unsent.extend(paths);
+                Ok(())
+            }
+            Err(e) => {
+                inner.applied = before.lsn;
+                inner.applied_time_ns = before.time_ns;
+                let back = Position {
+                    applied: before.lsn,
+                    time_ns: before.time_ns,
+                    ..Position::default()
+                };
+                let _ = inner.pos.write(back);
+                Err(BatchError::Persist(e))
+            }
+        }
+    }
+
+    /// Paths recorded for repair since the last call, for a REPAIRS message
+    /// (the catalog keeps them until a sync of a later connection ends).
+    pub fn take_repairs(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.inner.lock().unsent)
     }
 
     /// Makes everything applied so far durable (`syncfs` of the replica's
@@ -424,11 +520,29 @@ impl Volume {
         if cx.alive.stop.load(Ordering::SeqCst) {
             return Err(BatchError::Stopped(upto.lsn));
         }
-        let now = crate::wal::segment::now_ns();
-        cx.db
-            .lock()
-            .set_applied(&self.id, upto.lsn, upto.time_ns, now)
+        self.record_applied(&cx.db.lock(), upto.lsn, upto.time_ns)
             .map_err(BatchError::Persist)
+    }
+
+    /// Records a durable position in the catalog; once it passes the
+    /// records in doubt, they are no longer.
+    fn record_applied(&self, db: &MirrorDb, lsn: Lsn, time_ns: i64) -> Result<()> {
+        let now = crate::wal::segment::now_ns();
+        db.set_applied(&self.id, lsn, time_ns, now)?;
+        let doubt = self.doubt.load(Ordering::SeqCst);
+        if doubt != 0 && lsn >= doubt {
+            db.set_in_doubt(&self.id, 0)?;
+            // (A baseline may have reset it meanwhile: then it stays 0.)
+            let _ = self
+                .doubt
+                .compare_exchange(doubt, 0, Ordering::SeqCst, Ordering::SeqCst);
+            info!(
+                "volume {}: the records in doubt since the machine restarted are all applied \
+                 again (persisted LSN {lsn})",
+                self.id
+            );
+        }
+        Ok(())
     }
 
     fn apply_one(
@@ -438,6 +552,18 @@ impl Volume {
         cx: &Ctx<'_>,
     ) -> Result<(), BatchError> {
         let doubt = inner.exchange_in_doubt.take() == Some(rec.lsn);
+        let in_doubt = rec.lsn <= self.doubt.load(Ordering::SeqCst);
+        if in_doubt {
+            if inner.before_doubt.is_none() {
+                inner.before_doubt = Some(Applied {
+                    lsn: inner.applied,
+                    time_ns: inner.applied_time_ns,
+                });
+            }
+            for p in rec.op.paths() {
+                inner.doubt_paths.insert(p.to_vec());
+            }
+        }
         match &rec.op {
             Op::Resync { path, reason } => {
                 warn!(
@@ -454,7 +580,18 @@ impl Volume {
             Op::Rename {
                 from, to, flags, ..
             } if flags & libc::RENAME_EXCHANGE != 0 => {
-                if doubt {
+                if in_doubt {
+                    // Applied or not, on disk or not: the repair of both
+                    // names (recorded above) settles it.
+                    warn!(
+                        "volume {} LSN {}: {} <-> {}: exchange in doubt after a machine \
+                         crash; not applied again, both names will be repaired",
+                        self.id,
+                        rec.lsn,
+                        display_path(from),
+                        display_path(to)
+                    );
+                } else if doubt {
                     self.exchange_in_doubt(rec.lsn, from, to, cx)?;
                 } else {
                     inner
@@ -463,6 +600,7 @@ impl Volume {
                             applied: inner.applied,
                             time_ns: inner.applied_time_ns,
                             exchange: rec.lsn,
+                            ..Position::default()
                         })
                         .map_err(BatchError::Persist)?;
                     inner
@@ -479,6 +617,12 @@ impl Volume {
                         self.id, rec.lsn
                     );
                 }
+                Err(e) if in_doubt && outrun(&e) => {
+                    debug!(
+                        "volume {} LSN {}: skipped, in doubt and already outrun: {e}",
+                        self.id, rec.lsn
+                    );
+                }
                 Err(e) => return Err(BatchError::Apply(e)),
             },
         }
@@ -490,6 +634,7 @@ impl Volume {
                 applied: rec.lsn,
                 time_ns: rec.time_ns,
                 exchange: 0,
+                ..Position::default()
             })
             .map_err(BatchError::Persist)
     }
@@ -526,10 +671,7 @@ impl Volume {
         };
         inner.applier.sync().map_err(|e| io("syncfs", e))?;
         inner.pos.sync().map_err(BatchError::Persist)?;
-        let now = crate::wal::segment::now_ns();
-        cx.db
-            .lock()
-            .set_applied(&self.id, inner.applied, inner.applied_time_ns, now)
+        self.record_applied(&cx.db.lock(), inner.applied, inner.applied_time_ns)
             .map_err(BatchError::Persist)
     }
 }

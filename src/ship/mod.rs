@@ -623,6 +623,7 @@ impl Ctx {
                         self.acked(lsn);
                     }
                     Ok(Ok(Msg::Pong)) => {}
+                    Ok(Ok(Msg::Repairs { paths })) => self.mirror_repairs(cat, &paths)?,
                     Ok(Ok(other)) => {
                         bail!("unexpected {} message from the mirror", other.name())
                     }
@@ -641,6 +642,20 @@ impl Ctx {
                 };
             }
         }
+    }
+
+    /// REPAIRS in the stream: paths the mirror applied again in doubt
+    /// (after a machine crash of its own); repaired once caught up.
+    fn mirror_repairs(&self, cat: &Catalog, paths: &[Vec<u8>]) -> Result<()> {
+        let acked = self.stats.acked_lsn.load(Ordering::Acquire);
+        cat.add_resyncs(paths, "the mirror asked for a repair", acked)?;
+        info!(
+            "mirror {} (volume {}) asks for the repair of {} path(s) it applied in doubt",
+            self.target.addr,
+            self.target.volume,
+            paths.len()
+        );
+        Ok(())
     }
 
     /// Waits for the throttle to grant `n` wire bytes. A slow rate can make
@@ -1010,6 +1025,10 @@ impl Peer for LinkPeer<'_> {
             }
             match self.rx.recv_timeout(left.min(Duration::from_millis(200))) {
                 Ok(Ok(Msg::Pong)) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(Ok(Msg::Repairs { paths })) => {
+                    let cat = Catalog::open(&self.cx.state)?;
+                    self.cx.mirror_repairs(&cat, &paths)?;
+                }
                 Ok(Ok(m)) => return Ok(m),
                 Ok(Err(msg)) => bail!("{msg}"),
                 Err(RecvTimeoutError::Disconnected) => bail!("the mirror closed the connection"),
