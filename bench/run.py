@@ -205,9 +205,10 @@ def cleanup():
             stop_proc(p)
         except Exception as e:  # noqa: BLE001
             log(f"stop pid {p.pid}: {e}")
-    if SCRATCH and os.path.isdir(SCRATCH) and not ARGS.keep:
+    keep = ARGS is not None and ARGS.keep  # None: --help, or bad arguments
+    if SCRATCH and os.path.isdir(SCRATCH) and not keep:
         shutil.rmtree(SCRATCH, ignore_errors=True)
-    for d in EXTRA_DIRS if not ARGS.keep else []:
+    for d in EXTRA_DIRS if not keep else []:
         shutil.rmtree(d, ignore_errors=True)
 
 
