@@ -49,8 +49,45 @@ fn passthrough_on(state: &Path) -> bool {
         s.contains("writeback_cache") || s.contains("lacks FUSE_PASSTHROUGH"),
         "passthrough unexpectedly off: {s}"
     );
+    assert!(
+        !(s.contains("lacks FUSE_PASSTHROUGH") && kernel_config_has_passthrough() == Some(true)),
+        "the kernel is built with CONFIG_FUSE_PASSTHROUGH but the mount says: {s}"
+    );
     eprintln!("passthrough is {s}: checking the fallback only");
     false
+}
+
+/// Whether the running kernel was built with FUSE passthrough, from
+/// /proc/config.gz (None: the kernel does not publish its config).
+fn kernel_config_has_passthrough() -> Option<bool> {
+    let out = std::process::Command::new("zcat")
+        .arg("/proc/config.gz")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(text.lines().any(|l| l == "CONFIG_FUSE_PASSTHROUGH=y"))
+}
+
+#[test]
+fn this_kernel_serves_passthrough_when_it_is_built_with_it() {
+    // The other tests here fall back to checking the cached path on a
+    // kernel without FUSE passthrough; on one built with it (as on this
+    // project's machines) that fallback must not hide a broken setup.
+    let rig = Rig::new();
+    let m = rig.mount(Some(ON));
+    let s = mount_stats(&rig.state)["passthrough"]
+        .as_str()
+        .expect("passthrough state")
+        .to_string();
+    m.unmount();
+    let writeback = std::env::var_os("REPLFS_TEST_WRITEBACK_CACHE").is_some_and(|v| v != "0");
+    match kernel_config_has_passthrough() {
+        Some(true) if !writeback => assert_eq!(s, "on", "CONFIG_FUSE_PASSTHROUGH=y"),
+        Some(true) => assert!(s.contains("writeback_cache"), "{s}"),
+        Some(false) => assert!(s.contains("lacks FUSE_PASSTHROUGH"), "{s}"),
+        None => eprintln!("no /proc/config.gz: passthrough is {s}, not checked"),
+    }
 }
 
 fn read_all(mut f: impl Read) -> Vec<u8> {
