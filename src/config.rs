@@ -147,10 +147,9 @@ pub struct MountConfig {
     /// reach the daemon; see docs/operations.md for shared writable mmap).
     /// Needs root and a kernel with CONFIG_FUSE_PASSTHROUGH (6.9+); the
     /// kernel refuses it together with the writeback cache, which then wins.
-    /// Off by default: stores through a shared writable mapping of such a
-    /// direct-I/O open that outlives its close reach BACKING unseen (the
-    /// mapping holds the backing file, not the FUSE one), which would break
-    /// "every change logged or recorded for resync".
+    /// Stores through a shared writable mapping of such a direct-I/O open
+    /// reach BACKING itself, also after its close: the mount watches the
+    /// file while it is mapped and has it repaired (`crate::fs::mapwatch`).
     pub passthrough: bool,
 }
 

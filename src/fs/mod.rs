@@ -8,6 +8,7 @@ pub mod fuse;
 pub mod inflight;
 pub mod inodes;
 pub mod iomode;
+pub mod mapwatch;
 pub mod materialize;
 pub mod ops;
 pub mod sys;
@@ -143,8 +144,11 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
             }
         }
     });
+    let watcher = spawn_mapwatch(core.clone(), args.mountpoint.clone())?;
     on_mounted();
     let r = session.run();
+    core.mapwatch.stop();
+    let _ = watcher.join();
     services.stop();
     // destroy() closes the WAL; close again in case the session ended without it.
     core.shutdown();
@@ -155,6 +159,34 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
         core.wal.head_lsn()
     );
     Ok(())
+}
+
+/// The thread that watches inodes mapped through released passthrough
+/// opens (`mapwatch`): a round a second while any is watched.
+fn spawn_mapwatch(
+    core: Arc<ops::Core>,
+    mountpoint: std::path::PathBuf,
+) -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("mapwatch".into())
+        .spawn(move || {
+            while let Some((_round, watched)) = core.mapwatch.next_round() {
+                let dev = &core.mapwatch.fuse_dev;
+                if dev.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                    // How /proc/PID/maps lists a mapping made through the
+                    // mount (a FUSE file system there: not the directory
+                    // under it after a lazy unmount).
+                    let fuse = nix::sys::statfs::statfs(&mountpoint)
+                        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC);
+                    if let (true, Ok(md)) = (fuse, std::fs::metadata(&mountpoint)) {
+                        use std::os::unix::fs::MetadataExt;
+                        dev.store(md.dev(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                core.mapwatch_round(watched, false);
+            }
+        })
+        .context("cannot start the mapwatch thread")
 }
 
 /// Catalog key of the exclude list the mount last ran with.

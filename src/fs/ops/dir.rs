@@ -19,6 +19,10 @@ impl Core {
 
     /// Flushes the WAL and reports how it ended (unmount / SIGTERM).
     pub fn shutdown(&self) {
+        // Stores through mappings of passthrough opens are logged while the
+        // WAL still takes records.
+        let (_round, watched) = self.mapwatch.finish();
+        self.mapwatch_round(watched, true);
         if let Err(e) = self.wal.close() {
             error!("closing the WAL failed: {e}");
         }

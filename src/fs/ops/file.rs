@@ -55,27 +55,71 @@ impl Core {
         Ok(())
     }
 
-    /// ... and at its release compares (a release comes at `close()`; a
-    /// mapping that outlives it holds BACKING's file, and its later stores
-    /// go unseen: why `mount.passthrough` is off by default): a ctime other than the one the last
-    /// logged change left means a change replfs did not see; the path is
-    /// then logged as needing resync (DESIGN.md invariant 2). Changes by
-    /// replfs that do not go through `log_node` (link, rename) make this
-    /// err on the safe side. Returns whether a resync was logged.
+    /// ... and at its release flushes the backing file (every dirty page
+    /// written back and write-protected: a later store through a mapping
+    /// that outlives the open faults and moves the ctime) and compares: a
+    /// ctime other than the one the last logged change left means a change
+    /// replfs did not see; the path is then logged as needing resync
+    /// (DESIGN.md invariant 2). The inode is then watched while a shared
+    /// writable mapping of it exists (`crate::fs::mapwatch`). Changes by
+    /// replfs that do not go through `log_node` (link, rename) make this err
+    /// on the safe side. Returns whether a resync was logged.
     pub fn check_unlogged(&self, fh: u64) -> Res<bool> {
         let h = self.handle(fh)?;
-        let node = &h.node;
+        let logged = self.flush_and_check(&h.node, h.fd.as_raw_fd())?;
+        let fd = sys::reopen(h.node.raw(), libc::O_RDONLY)?;
+        self.mapwatch.add(h.node.clone(), fd);
+        Ok(logged)
+    }
+
+    /// One round of `mapwatch`: flushes and checks every watched inode,
+    /// and keeps watching those some process still maps. `last`: the mount
+    /// is going away (nothing can map it any more).
+    pub fn mapwatch_round(&self, watched: Vec<crate::fs::mapwatch::Watched>, last: bool) {
+        if watched.is_empty() {
+            return;
+        }
+        let nodes: Vec<&Inode> = watched.iter().map(|w| &*w.node).collect();
+        let mapped = if last {
+            Default::default()
+        } else {
+            self.mapwatch.mapped(&nodes)
+        };
+        let mut still = Vec::new();
+        log::debug!(
+            "mapwatch: {} inode(s) watched, {} still mapped",
+            watched.len(),
+            mapped.len()
+        );
+        for w in watched {
+            if let Err(e) = self.flush_and_check(&w.node, w.fd.as_raw_fd()) {
+                warn!(
+                    "passthrough: checking inode {} for stores through a mapping: {e}",
+                    w.node.ino
+                );
+            }
+            if mapped.contains(&w.node.ino) {
+                still.push(w);
+            }
+        }
+        self.mapwatch.put_back(still);
+    }
+
+    /// Flushes `fd` (BACKING of `node`), then logs a resync of the path if
+    /// the ctime is not the one the last logged change left.
+    fn flush_and_check(&self, node: &Inode, fd: std::os::fd::RawFd) -> Res<bool> {
+        sys::fsync(fd, true)?;
         let unchanged = |st: &libc::stat| {
             crate::fs::inodes::ctime_ns(st) == node.logged_ctime.load(Ordering::Acquire)
         };
         // Without locks first: the usual answer. A change in progress only
         // sends this to the locked look below, which sees it finished.
-        if unchanged(&sys::fstat(h.fd.as_raw_fd())?) {
+        if unchanged(&sys::fstat(fd)?) {
             return Ok(false);
         }
         let ns = self.ns.read();
         let d = node.data.lock();
-        let st = sys::fstat(h.fd.as_raw_fd())?;
+        let st = sys::fstat(fd)?;
         if unchanged(&st) {
             return Ok(false);
         }
@@ -83,8 +127,8 @@ impl Core {
             return Ok(false);
         };
         warn!(
-            "{} changed behind replfs while open for writing in passthrough mode \
-             (a shared writable mmap); logging it as needing resync",
+            "{} changed behind replfs through a shared writable mmap of a passthrough \
+             open; logging it as needing resync",
             path.as_deref()
                 .map_or("a file with no known path".into(), |p| format!(
                     "{:?}",

@@ -58,6 +58,9 @@ pub struct Core {
     writeback: std::sync::atomic::AtomicBool,
     /// Counters shown by `replfs status` (READs served, opens by mode).
     pub stats: Arc<crate::status::MountStats>,
+    /// Inodes some process may map shared and writable through a released
+    /// passthrough open (`crate::fs::mapwatch`).
+    pub mapwatch: crate::fs::mapwatch::MapWatch,
 }
 
 /// See [`Core::new_entry`]; drop `m` before `ns` (as `drop((m, ns))`).
@@ -133,6 +136,7 @@ impl Core {
             }),
             writeback: std::sync::atomic::AtomicBool::new(false),
             stats: Arc::new(crate::status::MountStats::default()),
+            mapwatch: Default::default(),
         })
     }
 
