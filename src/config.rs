@@ -149,7 +149,9 @@ pub struct MountConfig {
     /// kernel refuses it together with the writeback cache, which then wins.
     /// Stores through a shared writable mapping of such a direct-I/O open
     /// reach BACKING itself, also after its close: the mount watches the
-    /// file while it is mapped and has it repaired (`crate::fs::mapwatch`).
+    /// file while it is mapped and has it repaired (`crate::fs::mapwatch`),
+    /// which needs BACKING on ext4, XFS or btrfs and Linux 6.13+; elsewhere
+    /// passthrough stays off. On by default.
     pub passthrough: bool,
 }
 
@@ -160,7 +162,7 @@ impl Default for MountConfig {
             attr_timeout: Duration::from_secs(60),
             allow_other: true,
             writeback_cache: false,
-            passthrough: false,
+            passthrough: true,
         }
     }
 }
@@ -423,9 +425,9 @@ mod tests {
         assert!(format!("{err:#}").contains("writeback_cache"), "{err:#}");
         let c = Config::parse("[mount]\nwriteback_cache = true\n").unwrap();
         assert!(c.mount.writeback_cache);
-        assert!(!c.mount.passthrough, "off by default");
-        let c = Config::parse("[mount]\npassthrough = true\n").unwrap();
-        assert!(c.mount.passthrough);
+        assert!(c.mount.passthrough, "on by default");
+        let c = Config::parse("[mount]\npassthrough = false\n").unwrap();
+        assert!(!c.mount.passthrough);
         let err = Config::parse("[mount]\npassthrough = \"yes\"\n").unwrap_err();
         assert!(format!("{err:#}").contains("passthrough"), "{err:#}");
     }

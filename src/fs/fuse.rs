@@ -46,6 +46,9 @@ pub struct ReplFs {
     /// refuses backing files, e.g. EPERM without CAP_SYS_ADMIN).
     new_passthrough: AtomicBool,
     io: IoModes<BackingId>,
+    /// Why stores through shared mappings of BACKING could not be caught
+    /// here (`mapwatch::stores_trackable`): then no passthrough.
+    untrackable: Option<String>,
 }
 
 impl ReplFs {
@@ -65,7 +68,6 @@ impl ReplFs {
             )
         };
         ReplFs {
-            core,
             ttl,
             file_open,
             dir_open,
@@ -74,6 +76,14 @@ impl ReplFs {
             passthrough: false,
             new_passthrough: AtomicBool::new(false),
             io: IoModes::default(),
+            untrackable: core
+                .node(crate::fs::inodes::ROOT_INO)
+                .map_err(|e| format!("cannot open BACKING: {e}"))
+                .and_then(|root| {
+                    crate::fs::mapwatch::stores_trackable(std::os::fd::AsFd::as_fd(&root.fd))
+                })
+                .err(),
+            core,
         }
     }
 
@@ -264,6 +274,9 @@ impl ReplFs {
     fn init_passthrough(&mut self, config: &mut KernelConfig, asked: bool, granted: InitFlags) {
         let state = if !self.want_passthrough {
             "off (mount.passthrough = false)".to_string()
+        } else if let Some(why) = &self.untrackable {
+            info!("mount.passthrough: off, {why}; reads go through replfs");
+            format!("off ({why})")
         } else if !asked {
             info!("mount.passthrough: off, the kernel refuses it with the writeback cache");
             "off (mount.writeback_cache is on)".to_string()

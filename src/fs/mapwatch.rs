@@ -146,6 +146,44 @@ impl MapWatch {
     }
 }
 
+/// Whether stores through shared mappings of BACKING can be caught (see
+/// the module doc): the backing filesystem must move the ctime of a file
+/// at the first store to each clean page with a fine-grained timestamp
+/// (multigrain timestamps: Linux 6.13+, ext4, XFS, btrfs). Err: why not.
+pub fn stores_trackable(backing: std::os::fd::BorrowedFd<'_>) -> Result<(), String> {
+    use nix::sys::statfs::{BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, fstatfs};
+    let fs = fstatfs(backing).map_err(|e| format!("cannot statfs BACKING: {e}"))?;
+    let t = fs.filesystem_type();
+    if ![EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, BTRFS_SUPER_MAGIC].contains(&t) {
+        return Err(format!(
+            "BACKING's file system (type {:#x}) is not ext4, XFS or btrfs, where stores \
+             through shared mappings are tracked",
+            t.0
+        ));
+    }
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !kernel_at_least(&release, (6, 13)) {
+        return Err(format!(
+            "Linux {release}: multigrain timestamps (6.13+) are needed to track stores \
+             through shared mappings"
+        ));
+    }
+    Ok(())
+}
+
+/// Is a kernel release string ("6.18.44-fc") at least `major.minor`?
+fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().ok());
+    match (it.next().flatten(), it.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= want,
+        _ => false,
+    }
+}
+
 /// Calls `f(dev, ino)` for every shared writable file mapping of every
 /// process (`/proc/PID/maps`; processes that vanish or cannot be read are
 /// skipped).
@@ -211,6 +249,17 @@ mod tests {
                 String::from_utf8_lossy(other)
             );
         }
+    }
+
+    #[test]
+    fn kernel_releases_compare() {
+        assert!(kernel_at_least("6.18.44-fc-v445", (6, 13)));
+        assert!(kernel_at_least("6.13.0", (6, 13)));
+        assert!(kernel_at_least("7.0.1", (6, 13)));
+        assert!(!kernel_at_least("6.12.9-amd64", (6, 13)));
+        assert!(!kernel_at_least("5.19", (6, 13)));
+        assert!(!kernel_at_least("", (6, 13)));
+        assert!(!kernel_at_least("garbage", (6, 13)));
     }
 
     #[test]
