@@ -258,6 +258,12 @@ impl Shared {
     /// a second old.
     fn fresh(&self) -> Status {
         let mut st = self.snapshot.lock().clone();
+        // Also before the first snapshot (the first second after a start):
+        // the answer comes from a running daemon.
+        st.daemon = true;
+        st.volume = Some(self.m.volume.clone());
+        st.mirror = self.m.mirror.clone();
+        st.rpo_target_seconds = self.m.rpo.map(|d| d.as_secs_f64());
         st.head_lsn = self.m.wal.head_lsn();
         if let Some(s) = &self.m.ship {
             st.acked_lsn = s.acked_lsn.load(Ordering::Acquire);
@@ -265,6 +271,8 @@ impl Shared {
             st.link = if l.connected { "connected" } else { "retrying" }.into();
             st.link_since = (l.since > 0).then(|| fmt_time(l.since));
             st.last_error = l.last_error.clone();
+        } else {
+            st.link = "not configured".into();
         }
         st.lag_records = st.head_lsn.saturating_sub(st.acked_lsn);
         if st.lag_records == 0 {
