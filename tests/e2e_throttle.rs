@@ -58,8 +58,15 @@ fn throttle_set_live_status_shows_lag_and_rpo() {
         hook_out.display()
     );
     let m = Mount::start_shipping(&rig, Some(&cfg), &mirror.addr(), &key);
+    // The daemon answers from the start, before its first status snapshot.
     let st = status_json(&rig.state);
     assert_eq!(st["daemon"], true);
+    assert_eq!(st["volume"], "default");
+    // Paired (the first baseline, of an empty tree, done) before the test
+    // starts: the lag below is the throttle's doing, not the connection's.
+    wait_status(&rig.state, Duration::from_secs(30), "first pairing", |st| {
+        st["link"] == "connected" && st["sync"]["phase"] == "idle" && st["sync"]["baselines"] == 1
+    });
     assert_eq!(
         st["throttle_bytes_per_sec"],
         serde_json::Value::Null,
@@ -68,12 +75,15 @@ fn throttle_set_live_status_shows_lag_and_rpo() {
     // Throttle hard, live, then build a backlog of 3 MiB.
     let shown = throttle(&rig.state, &["set", "256KiB/s", "--burst", "64KiB"]);
     assert!(shown.contains("256"), "{shown}");
+    // In 64 KiB writes (records no bigger than the burst): a 1 MiB record
+    // would go through at once into debt, and the rate over the first
+    // seconds would show that record, not the setting.
     for i in 0..3 {
-        fs::write(
-            rig.mnt.join(format!("big{i}")),
-            random_bytes(1 << 20, i + 1),
-        )
-        .unwrap();
+        use std::io::Write;
+        let mut f = fs::File::create(rig.mnt.join(format!("big{i}"))).unwrap();
+        for chunk in random_bytes(1 << 20, i + 1).chunks(64 << 10) {
+            f.write_all(chunk).unwrap();
+        }
     }
     let st = status_json(&rig.state);
     assert_eq!(st["throttle_bytes_per_sec"], 262144);
