@@ -248,11 +248,14 @@ fn a_machine_crash_of_the_mirror_is_caught_up_and_repaired() {
     fs::write(mnt.join("a"), b"A").unwrap();
     fs::write(mnt.join("b"), b"B").unwrap();
     wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
-    let durable = wait_status(&p.rig.state, CONVERGE, "caught up", |st| {
-        st["lag_records"] == 0 && st["acked_lsn"] == st["head_lsn"]
-    })["acked_lsn"]
-        .as_u64()
-        .unwrap();
+    let acked = || {
+        wait_status(&p.rig.state, CONVERGE, "caught up", |st| {
+            st["lag_records"] == 0 && st["acked_lsn"] == st["head_lsn"]
+        })["acked_lsn"]
+            .as_u64()
+            .unwrap()
+    };
+    let durable = acked();
     // The records the crash leaves in doubt.
     fs::write(mnt.join("keep"), pattern(100_000, 2)).unwrap();
     fs::write(mnt.join("c"), b"C").unwrap();
@@ -260,11 +263,7 @@ fn a_machine_crash_of_the_mirror_is_caught_up_and_repaired() {
     fs::write(mnt.join("g"), b"G").unwrap();
     fs::remove_file(mnt.join("g")).unwrap();
     wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
-    let applied = wait_status(&p.rig.state, CONVERGE, "caught up", |st| {
-        st["lag_records"] == 0 && st["acked_lsn"] == st["head_lsn"]
-    })["acked_lsn"]
-        .as_u64()
-        .unwrap();
+    let applied = acked();
     assert!(applied > durable);
     p.mirror.kill9();
     // What the disk held after the crash.

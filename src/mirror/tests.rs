@@ -243,6 +243,17 @@ fn position_from_another_boot(r: &Rig, applied: Lsn, exchange: Lsn) {
     .unwrap();
 }
 
+/// A rig whose LSNs 1..=3 made the files `a` ("A") and `b` (empty).
+fn rig_with_a_and_b() -> Rig {
+    let r = Rig::new();
+    r.apply(&batch(
+        1,
+        vec![create("a"), create("b"), write("a", 0, b"A")],
+    ))
+    .unwrap();
+    r
+}
+
 fn exchange(a: &str, b: &str) -> Op<'static> {
     Op::Rename {
         from: a.as_bytes().to_vec(),
@@ -264,12 +275,7 @@ fn repair_rows(r: &Rig) -> Vec<String> {
 
 #[test]
 fn after_a_machine_crash_the_records_past_the_catalog_are_applied_again_in_doubt() {
-    let mut r = Rig::new();
-    r.apply(&batch(
-        1,
-        vec![create("a"), create("b"), write("a", 0, b"A")],
-    ))
-    .unwrap();
+    let mut r = rig_with_a_and_b();
     // The last run applied up to LSN 8, but only the catalog's LSN 3 is
     // known to be on disk: the file was written before the machine restarted.
     position_from_another_boot(&r, 8, 0);
@@ -380,12 +386,7 @@ fn a_baseline_voids_the_doubt() {
 
 #[test]
 fn an_exchange_in_doubt_is_not_reapplied_but_recorded() {
-    let mut r = Rig::new();
-    r.apply(&batch(
-        1,
-        vec![create("a"), create("b"), write("a", 0, b"A")],
-    ))
-    .unwrap();
+    let mut r = rig_with_a_and_b();
     let (pf, _) = PositionFile::open(&r.state, "v").unwrap();
     pf.write(Position {
         applied: 3,
@@ -395,13 +396,7 @@ fn an_exchange_in_doubt_is_not_reapplied_but_recorded() {
     })
     .unwrap();
     r.reopen();
-    let xchg = Op::Rename {
-        from: b"a".to_vec(),
-        to: b"b".to_vec(),
-        flags: libc::RENAME_EXCHANGE,
-        from_parent_mtime: Ts::default(),
-        to_parent_mtime: Ts::default(),
-    };
+    let xchg = exchange("a", "b");
     assert_eq!(r.apply(&batch(4, vec![xchg.clone()])).unwrap(), 4);
     assert_eq!(fs::read(r.dir.join("a")).unwrap(), b"A", "not swapped");
     assert_eq!(r.db.lock().resync_list("v").unwrap().len(), 2);
