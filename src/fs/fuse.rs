@@ -123,6 +123,11 @@ impl ReplFs {
                 warn!("passthrough: inode {ino}: cannot stat the backing file: {e}");
             }
         }
+        if g.mode == Mode::PassthroughDio {
+            if let Err(e) = self.core.watch_dio_open(fh) {
+                warn!("passthrough: inode {ino}: cannot watch for mapped stores: {e}");
+            }
+        }
         if let Some(e) = &g.backing_error {
             self.backing_failed(ino, e);
         }

@@ -12,17 +12,20 @@
 //!   is written back and write-protected, so any later store faults and
 //!   moves the ctime; then a ctime other than the one the last logged change
 //!   left is logged as a `Resync` of the path (`Core::check_unlogged`);
-//! - the inode is then watched: once a second the watcher looks for a
-//!   shared writable mapping of it in `/proc/*/maps` (listed under the FUSE
-//!   inode, or under BACKING's for a mapping of BACKING itself), flushes the
-//!   backing file and compares the ctime again. A round that found no
-//!   mapping is the last one: no store can follow it.
+//! - the inode is watched from its first writable passthrough open until
+//!   none is open and no process maps it: once a second the watcher looks
+//!   for a shared writable mapping of it in `/proc/*/maps` (listed under the
+//!   FUSE inode, or under BACKING's for a mapping of BACKING itself). If
+//!   there is one, or if the ctime moved, it flushes the backing file and
+//!   compares the ctime again. A round with neither an open nor a mapping
+//!   left is the last one.
 //!
 //! A store is therefore either before a flush and seen by the comparison
 //! that follows it (the repair reads the file after the Resync record), or
-//! after it and moves the ctime for the next round: the mirror is repaired
-//! within about a second of a store, and nothing is left unlogged and
-//! unrecorded (DESIGN.md invariant 2).
+//! after it and moves the ctime for the next round (a new mapping's first
+//! store to a page faults as well): the mirror is repaired within about a
+//! second of a store, and nothing is left unlogged and unrecorded
+//! (DESIGN.md invariant 2).
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -52,6 +55,8 @@ pub struct MapWatch {
     wake: Condvar,
     /// Held while a round runs (a last round waits for it).
     round: Mutex<()>,
+    /// Writable passthrough opens per inode (watched at least while any).
+    dio_opens: Mutex<HashMap<u64, u32>>,
     stop: AtomicBool,
     /// st_dev of the mount (how `/proc/PID/maps` lists a mapping made
     /// through it); 0 while unknown (then any device matches the inode
@@ -60,11 +65,35 @@ pub struct MapWatch {
 }
 
 impl MapWatch {
-    /// Watches `node` (replacing an older entry of the same inode).
-    pub fn add(&self, node: Arc<Inode>, fd: OwnedFd) {
+    /// A writable passthrough open of `node` starts: watched from now on
+    /// (`fd`: BACKING, opened read-only).
+    pub fn opened(&self, node: Arc<Inode>, fd: OwnedFd) {
+        *self.dio_opens.lock().entry(node.ino).or_default() += 1;
+        self.watch(node, fd);
+    }
+
+    /// Watches `node` unless it is already.
+    pub fn watch(&self, node: Arc<Inode>, fd: OwnedFd) {
         let mut w = self.watched.lock();
-        w.insert(node.ino, Watched { node, fd });
+        w.entry(node.ino).or_insert(Watched { node, fd });
         self.wake.notify_one();
+    }
+
+    /// A writable passthrough open of `ino` was released (the inode stays
+    /// watched until a round finds no mapping and no open).
+    pub fn released(&self, ino: u64) {
+        let mut o = self.dio_opens.lock();
+        if let Some(n) = o.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                o.remove(&ino);
+            }
+        }
+    }
+
+    /// Is a writable passthrough open of `ino` open?
+    pub fn has_open(&self, ino: u64) -> bool {
+        self.dio_opens.lock().contains_key(&ino)
     }
 
     pub fn len(&self) -> usize {

@@ -55,26 +55,38 @@ impl Core {
         Ok(())
     }
 
+    /// A writable passthrough open starts: its inode is watched for stores
+    /// through shared mappings until none is open and none is mapped
+    /// (`crate::fs::mapwatch`).
+    pub fn watch_dio_open(&self, fh: u64) -> Res<()> {
+        let h = self.handle(fh)?;
+        let fd = sys::reopen(h.node.raw(), libc::O_RDONLY)?;
+        self.mapwatch.opened(h.node.clone(), fd);
+        Ok(())
+    }
+
     /// ... and at its release flushes the backing file (every dirty page
     /// written back and write-protected: a later store through a mapping
     /// that outlives the open faults and moves the ctime) and compares: a
     /// ctime other than the one the last logged change left means a change
     /// replfs did not see; the path is then logged as needing resync
-    /// (DESIGN.md invariant 2). The inode is then watched while a shared
-    /// writable mapping of it exists (`crate::fs::mapwatch`). Changes by
-    /// replfs that do not go through `log_node` (link, rename) make this err
-    /// on the safe side. Returns whether a resync was logged.
+    /// (DESIGN.md invariant 2). The watch goes on while the file is mapped.
+    /// Changes by replfs that do not go through `log_node` (link, rename)
+    /// make this err on the safe side. Returns whether a resync was logged.
     pub fn check_unlogged(&self, fh: u64) -> Res<bool> {
         let h = self.handle(fh)?;
-        let logged = self.flush_and_check(&h.node, h.fd.as_raw_fd())?;
+        self.mapwatch.released(h.node.ino);
+        let logged = self.check_stores(&h.node, h.fd.as_raw_fd(), true)?;
+        // (Watched since the open; again in case that failed.)
         let fd = sys::reopen(h.node.raw(), libc::O_RDONLY)?;
-        self.mapwatch.add(h.node.clone(), fd);
+        self.mapwatch.watch(h.node.clone(), fd);
         Ok(logged)
     }
 
-    /// One round of `mapwatch`: flushes and checks every watched inode,
-    /// and keeps watching those some process still maps. `last`: the mount
-    /// is going away (nothing can map it any more).
+    /// One round of `mapwatch`: checks every watched inode, and keeps
+    /// watching those that are open for writing in passthrough mode or that
+    /// some process maps. `last`: the mount is going away (nothing can map
+    /// it any more).
     pub fn mapwatch_round(&self, watched: Vec<crate::fs::mapwatch::Watched>, last: bool) {
         if watched.is_empty() {
             return;
@@ -85,33 +97,39 @@ impl Core {
         } else {
             self.mapwatch.mapped(&nodes)
         };
-        let mut still = Vec::new();
         log::debug!(
-            "mapwatch: {} inode(s) watched, {} still mapped",
+            "mapwatch: {} inode(s) watched, {} mapped",
             watched.len(),
             mapped.len()
         );
+        let mut still = Vec::new();
         for w in watched {
-            if let Err(e) = self.flush_and_check(&w.node, w.fd.as_raw_fd()) {
+            let is_mapped = last || mapped.contains(&w.node.ino);
+            if let Err(e) = self.check_stores(&w.node, w.fd.as_raw_fd(), is_mapped) {
                 warn!(
                     "passthrough: checking inode {} for stores through a mapping: {e}",
                     w.node.ino
                 );
             }
-            if mapped.contains(&w.node.ino) {
+            if !last && (is_mapped || self.mapwatch.has_open(w.node.ino)) {
                 still.push(w);
             }
         }
         self.mapwatch.put_back(still);
     }
 
-    /// Flushes `fd` (BACKING of `node`), then logs a resync of the path if
-    /// the ctime is not the one the last logged change left.
-    fn flush_and_check(&self, node: &Inode, fd: std::os::fd::RawFd) -> Res<bool> {
-        sys::fsync(fd, true)?;
+    /// Logs a resync of `node`'s path if its ctime is not the one the last
+    /// logged change left, after flushing `fd` (BACKING) so that later
+    /// stores fault and move the ctime. `mapped`: flush even if the ctime
+    /// has not moved (dirty pages may be writable).
+    fn check_stores(&self, node: &Inode, fd: std::os::fd::RawFd, mapped: bool) -> Res<bool> {
         let unchanged = |st: &libc::stat| {
             crate::fs::inodes::ctime_ns(st) == node.logged_ctime.load(Ordering::Acquire)
         };
+        if !mapped && unchanged(&sys::fstat(fd)?) {
+            return Ok(false);
+        }
+        sys::fsync(fd, true)?;
         // Without locks first: the usual answer. A change in progress only
         // sends this to the locked look below, which sees it finished.
         if unchanged(&sys::fstat(fd)?) {
