@@ -518,3 +518,26 @@ fn applying_moves_the_catalog_only_when_a_persist_covers_it() {
     let ready = r.vol.ready_durable(&r.db).unwrap();
     assert_eq!((ready.applied, catalog()), (4, 4));
 }
+
+#[test]
+fn records_in_doubt_whose_paths_cannot_be_recorded_are_applied_again() {
+    let mut r = rig_with_a_and_b();
+    position_from_another_boot(&r, 5, 0);
+    r.reopen();
+    // The catalog refuses the repair rows (here: their table is away).
+    let raw = rusqlite::Connection::open(r.state.join(state::MIRROR_DB)).unwrap();
+    raw.execute_batch("ALTER TABLE resync RENAME TO resync_away")
+        .unwrap();
+    let b = batch(4, vec![create("c"), create("d")]);
+    let e = r.apply(&b).unwrap_err();
+    assert!(matches!(e, BatchError::Persist(_)), "{e}");
+    assert_eq!(r.vol.applied(), 3, "back to before the records in doubt");
+    // The position file did not move past them either: a restart (same
+    // boot) applies them again, and records their paths this time.
+    r.reopen();
+    assert_eq!(r.vol.applied(), 3);
+    raw.execute_batch("ALTER TABLE resync_away RENAME TO resync")
+        .unwrap();
+    assert_eq!(r.apply(&b).unwrap(), 5);
+    assert_eq!(repair_rows(&r), ["c", "d"]);
+}

@@ -474,6 +474,12 @@ impl Volume {
             .add_resyncs(&self.id, &paths, reason, inner.applied);
         match recorded {
             Ok(()) => {
+                let now = Position {
+                    applied: inner.applied,
+                    time_ns: inner.applied_time_ns,
+                    ..Position::default()
+                };
+                inner.pos.write(now).map_err(BatchError::Persist)?;
                 info!(
                     "volume {} peer {}: {} path(s) named by records in doubt (up to LSN {}) \
                      recorded for repair",
@@ -628,6 +634,11 @@ impl Volume {
         }
         inner.applied = rec.lsn;
         inner.applied_time_ns = rec.time_ns;
+        if in_doubt {
+            // The file moves once their paths are in the catalog
+            // (`flush_doubt`): a restart before that applies them again.
+            return Ok(());
+        }
         inner
             .pos
             .write(Position {
