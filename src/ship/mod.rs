@@ -12,6 +12,9 @@ pub mod monitor;
 pub mod tail;
 pub mod throttle;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::VecDeque;
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -533,6 +536,9 @@ impl Ctx {
         let mut in_flight_bytes = 0u64;
         let mut last_io = Instant::now();
         let mut idle_polls = 0u32;
+        // Subscribed before the first look at `durable_lsn` (in `next_batch`
+        // below): no advance after that look goes unnoticed.
+        let durable_rx = self.wal.durable_notifier();
         let mut durable_seen = (self.wal.durable_lsn(), Instant::now());
         // When the catalog was last asked for paths to repair.
         let mut repair_check = Instant::now();
@@ -593,7 +599,11 @@ impl Ctx {
                     last_io = Instant::now();
                 }
             }
-            let wait = if in_flight.is_empty() {
+            let window_open =
+                in_flight.len() < self.cfg.window && in_flight_bytes < self.cfg.window_bytes;
+            // One message (or a wake-up), then whatever else has arrived
+            // meanwhile: a wide window brings acks in bursts.
+            let mut next = if in_flight.is_empty() {
                 // Idle: woken by the WAL once a record after the tail is
                 // durable (the first append after the wait began, or the group
                 // commit); nothing polls. Unsynced records still get synced
@@ -603,13 +613,24 @@ impl Ctx {
                     self.cfg.poll_interval,
                     IDLE_WAIT,
                 )?;
-                Duration::ZERO
+                peer.rx.recv_timeout(Duration::ZERO)
             } else {
-                Duration::from_millis(200)
+                // Batches in flight: the next ack, or, while the window has
+                // room, records that became durable since the last batch
+                // (a live stream keeps the window busy instead of waiting for
+                // each group of acks, i.e. each of the mirror's syncfs).
+                let never = crossbeam_channel::never();
+                let wake = if window_open { &durable_rx } else { &never };
+                crossbeam_channel::select! {
+                    recv(peer.rx) -> m => m.map_err(|_| RecvTimeoutError::Disconnected),
+                    recv(wake) -> _ => Err(RecvTimeoutError::Timeout),
+                    default(IN_FLIGHT_WAIT) => Err(RecvTimeoutError::Timeout),
+                }
             };
-            // One message (waiting up to `wait`), then whatever else has
-            // arrived meanwhile: a wide window brings acks in bursts.
-            let mut next = peer.rx.recv_timeout(wait);
+            if matches!(next, Err(RecvTimeoutError::Timeout)) {
+                // Woken by the WAL (or timed out): acks may be waiting too.
+                next = peer.rx.recv_timeout(Duration::ZERO);
+            }
             loop {
                 match next {
                     Ok(Ok(Msg::Ack { lsn })) => {
@@ -1078,6 +1099,11 @@ const MAX_TOUCHED: usize = 10_000;
 /// Longest idle wait for new records (the mirror's messages, a stop, a
 /// repair check are seen within it).
 const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// Longest wait for an ack while batches are in flight (a stop is seen
+/// within it); new durable records wake the shipper sooner while the window
+/// has room.
+const IN_FLIGHT_WAIT: Duration = Duration::from_millis(200);
 
 /// How often a caught-up shipper looks for paths to repair.
 const REPAIR_CHECK: Duration = Duration::from_secs(1);

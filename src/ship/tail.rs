@@ -71,12 +71,16 @@ impl Tail {
 
     /// The next record, or `None` when none is written yet.
     pub fn next_record(&mut self) -> Result<Option<Record>, WalError> {
+        let mut refreshed = false;
         loop {
             if let Some(rec) = self.scanner.next_record()? {
                 return Ok(Some(rec));
             }
             if !self.next_segment()? {
-                return Ok(None);
+                if refreshed {
+                    return Ok(None);
+                }
+                refreshed = true;
             }
         }
     }
@@ -88,19 +92,29 @@ impl Tail {
         &mut self,
         f: impl FnOnce(&RawFrame<'_>, u32) -> R,
     ) -> Result<Option<R>, WalError> {
+        let mut refreshed = false;
         loop {
             let seed = self.scanner.crc_seed();
             if let Some(frame) = self.scanner.next_frame()? {
                 return Ok(Some(f(&frame, seed)));
             }
             if !self.next_segment()? {
-                return Ok(None);
+                if refreshed {
+                    return Ok(None);
+                }
+                refreshed = true;
             }
         }
     }
 
     /// At the end of the data in this segment: moves to the next segment if
     /// the writer has made it (true), else refreshes the window (false).
+    /// The window read ahead may predate the writer's latest frames (it
+    /// shows the preallocated zeros that were there), so the callers look
+    /// once more after a refresh before they report that nothing is
+    /// written: a record made durable since the last look is found at the
+    /// first call, not at the next one (the shipper may only come back
+    /// when an ack arrives).
     fn next_segment(&mut self) -> Result<bool, WalError> {
         // End of data here: the writer may have moved to the next segment.
         let next = self
@@ -120,5 +134,51 @@ impl Tail {
         }
         self.scanner.refresh();
         Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+    use crate::config::{Durability, WalConfig};
+    use crate::wal::{Attr, Op, Wal};
+
+    fn op(i: u64) -> Op<'static> {
+        Op::Write {
+            path: b"f".to_vec(),
+            offset: i * 10,
+            data: Cow::Owned(vec![i as u8; 10]),
+            attr: Attr::default(),
+        }
+    }
+
+    /// The read window holds the zeros after the last frame read; a frame
+    /// written after that is found at the first call, not the second.
+    #[test]
+    fn a_frame_written_after_the_window_was_read_is_found_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = WalConfig {
+            durability: Durability::Os,
+            segment_size: 4 << 20,
+            ..WalConfig::default()
+        };
+        let (wal, _) = Wal::open(dir.path(), &cfg).unwrap();
+        wal.append(&op(1)).unwrap();
+        let mut tail = Tail::open(dir.path(), 1).unwrap();
+        for i in 2..6 {
+            let got = tail.next_frame_with(|f, _| f.header.lsn).unwrap();
+            assert_eq!(got, Some(i - 1));
+            wal.append(&op(i)).unwrap();
+        }
+        for i in 6..10 {
+            let got = tail.next_record().unwrap().map(|r| r.lsn);
+            assert_eq!(got, Some(i - 1));
+            wal.append(&op(i)).unwrap();
+        }
+        assert_eq!(tail.next_record().unwrap().map(|r| r.lsn), Some(9));
+        assert!(tail.next_record().unwrap().is_none());
+        assert!(tail.next_frame_with(|_, _| ()).unwrap().is_none());
     }
 }

@@ -186,6 +186,9 @@ struct Shared {
     sleeping: AtomicBool,
     /// A follower waits in `wait_durable_beyond` for the next append.
     follower_waiting: AtomicBool,
+    /// Followers told (one token at most waiting each) whenever `durable`
+    /// advances: see [`Wal::durable_notifier`].
+    durable_subs: Mutex<Vec<crossbeam_channel::Sender<()>>>,
     /// Held while syncing: serialises syncs so durable_lsn never passes an
     /// unsynced segment; whoever holds it is the group-commit leader.
     sync_io: Mutex<()>,
@@ -353,6 +356,20 @@ impl Wal {
         self.inner.shared.wait_durable_beyond(lsn, nudge, timeout)
     }
 
+    /// A channel that holds a token whenever [`Wal::durable_lsn`] advanced
+    /// since the receiver last took one (at most one token waits: a burst of
+    /// syncs is one wake-up). For a follower that waits on something else
+    /// too (the shipper waits for the mirror's acks with `select!`); it
+    /// should re-read `durable_lsn` after each token, and read it once after
+    /// subscribing. Nothing syncs on its behalf: see
+    /// [`Wal::wait_durable_beyond`] for that. Dropping the receiver
+    /// unsubscribes (the sender is dropped at the next advance).
+    pub fn durable_notifier(&self) -> crossbeam_channel::Receiver<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.inner.shared.durable_subs.lock().push(tx);
+        rx
+    }
+
     /// LSN of the last appended record (0 if none).
     pub fn head_lsn(&self) -> Lsn {
         self.inner.shared.head.load(Acquire)
@@ -492,6 +509,7 @@ impl Shared {
             seed: AtomicU32::new(seed),
             sleeping: AtomicBool::new(false),
             follower_waiting: AtomicBool::new(false),
+            durable_subs: Mutex::new(Vec::new()),
             sync_io: Mutex::new(()),
             _lock: lock,
         }

@@ -172,8 +172,18 @@ impl Shared {
             self.fail(&e);
             return Err(e);
         }
-        self.durable.fetch_max(head, AcqRel);
+        if self.durable.fetch_max(head, AcqRel) < head {
+            self.notify_durable();
+        }
         Ok(())
+    }
+
+    /// Puts a token in every follower's channel that has none waiting
+    /// (`Wal::durable_notifier`); forgets followers that went away.
+    fn notify_durable(&self) {
+        use crossbeam_channel::TrySendError;
+        let mut subs = self.durable_subs.lock();
+        subs.retain(|tx| !matches!(tx.try_send(()), Err(TrySendError::Disconnected(()))));
     }
 
     fn notify_synced(&self) {

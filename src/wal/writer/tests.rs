@@ -975,3 +975,45 @@ fn a_zero_filled_segment_is_read_into_the_page_cache_when_records_start_using_it
     });
     eprintln!("resident after eviction {evicted:.2}, after the roll > 0.9");
 }
+
+#[test]
+fn the_durable_notifier_holds_one_token_per_advance_and_forgets_dropped_followers() {
+    // `os` mode: durable moves only when asked, so every token is accounted for.
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = open(dir.path(), &cfg(Durability::Os));
+    let rx = wal.durable_notifier();
+    let lsn = wal.append(&write_op(1, 10)).unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(rx.try_recv().is_err(), "an append alone is not durable");
+    wal.sync(lsn).unwrap();
+    assert!(rx.try_recv().is_ok(), "a sync that advanced durable_lsn");
+    assert!(rx.try_recv().is_err());
+    // Nothing new: a sync does not advance, no token.
+    wal.sync(lsn).unwrap();
+    assert!(rx.try_recv().is_err());
+    // Two advances before the follower looks: one token (a wake-up, not a count).
+    for i in 2..4 {
+        let l = wal.append(&write_op(i, 10)).unwrap();
+        wal.sync(l).unwrap();
+    }
+    assert!(rx.try_recv().is_ok());
+    assert!(rx.try_recv().is_err());
+    assert_eq!(wal.durable_lsn(), 3);
+    // A token wakes a blocked receiver (another thread syncs).
+    let w = wal.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(30));
+        let l = w.append(&write_op(4, 10)).unwrap();
+        w.sync(l).unwrap();
+    });
+    assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
+    t.join().unwrap();
+    // Dropped receivers are forgotten at the next advance.
+    let rx2 = wal.durable_notifier();
+    assert_eq!(wal.inner.shared.durable_subs.lock().len(), 2);
+    drop(rx2);
+    let l = wal.append(&write_op(5, 10)).unwrap();
+    wal.sync(l).unwrap();
+    assert_eq!(wal.inner.shared.durable_subs.lock().len(), 1);
+    assert!(rx.try_recv().is_ok());
+}
