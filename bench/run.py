@@ -590,7 +590,7 @@ LOWER_BETTER = ("(s)", "lower better")
 
 
 def main():
-    global SCRATCH, ARGS
+    global SCRATCH, ARGS, BIN
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 repeat (CI)")
     ap.add_argument("--repeats", type=int, default=None)
@@ -606,6 +606,9 @@ def main():
     ap.add_argument("--mirror-dir", metavar="DIR",
                     help="put the mirror's replica in a new dir under DIR (e.g. /dev/shm), as if the "
                          "DR site's disk were another machine's")
+    ap.add_argument("--bin", metavar="PATH",
+                    help="use this replfs binary instead of building this checkout "
+                         "(A/B comparisons of two builds in one session)")
     ap.add_argument("--only", metavar="GROUPS", default="local,lag,compression,backlog",
                     help="comma-separated subset of local,lag,compression,backlog (default: all)")
     ARGS = ap.parse_args()
@@ -628,8 +631,12 @@ def main():
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root (drop_caches, FUSE mounts)")
 
-    log("cargo build --release")
-    run(["cargo", "build", "--release"], cwd=ROOT, timeout=1800)
+    if ARGS.bin:
+        BIN = os.path.abspath(ARGS.bin)
+        log(f"binary: {BIN}")
+    else:
+        log("cargo build --release")
+        run(["cargo", "build", "--release"], cwd=ROOT, timeout=1800)
     if shutil.which("fio") is None:
         log("installing fio")
         run(["apt-get", "install", "-y", "fio"], timeout=600,
