@@ -29,9 +29,71 @@ const COMPRESS_MIN: usize = 256;
 pub(super) fn encode(b: &Batch, out: &mut Vec<u8>, seq: Seq) -> Result<(), ProtoError> {
     check_sequence(&b.records, seq).map_err(ProtoError::Encode)?;
     let head = out.len();
-    out.extend_from_slice(&[0; BATCH_HEADER_LEN]);
-    let section = out.len();
-    encode_records(b, out)?;
+    let section = head + BATCH_HEADER_LEN;
+    out.resize(section, 0);
+    let size: u64 = b
+        .records
+        .iter()
+        .map(|r| REC_HEADER_LEN as u64 + 64 + r.op.data_len())
+        .sum();
+    out.reserve(size.min(MAX_FRAME as u64) as usize);
+    for rec in &b.records {
+        append_record(out, section, rec.lsn, rec.time_ns, &rec.op)?;
+    }
+    seal_section(out, section, b.records.len() as u32);
+    if out.len() - head > MAX_FRAME {
+        return Err(ProtoError::TooLarge {
+            len: out.len() - head,
+            max: MAX_FRAME,
+        });
+    }
+    Ok(())
+}
+
+/// Exact bytes `op` adds to a batch's record section (before the batch is
+/// compressed): a shipper keeps the sum under [`MAX_BATCH_RAW`]. Cheap: only
+/// the fixed fields and names are encoded; the payload is neither copied
+/// nor summed.
+pub fn record_wire_len(op: &Op<'_>) -> Result<usize, ProtoError> {
+    let mut head = Vec::with_capacity(64);
+    let tail = codec::encode_body(op, &mut head).map_err(|e| ProtoError::Encode(e.to_string()))?;
+    Ok(REC_HEADER_LEN + head.len() + tail.len())
+}
+
+/// Appends one record, framed with a [`WIRE_SALT`] CRC, to the record
+/// section that starts at `section` in `out` (its LSN already checked).
+fn append_record(
+    out: &mut Vec<u8>,
+    section: usize,
+    lsn: u64,
+    time_ns: i64,
+    op: &Op<'_>,
+) -> Result<(), ProtoError> {
+    let seed = codec::crc_seed(WIRE_SALT);
+    let body = PreparedBody::new(op, usize::MAX, seed)
+        .map_err(|e| ProtoError::Encode(format!("record LSN {lsn}: {e}")))?;
+    room(out.len() - section + REC_HEADER_LEN + body.stored_len())?;
+    out.extend_from_slice(&body.header(seed, lsn, time_ns));
+    for part in body.parts() {
+        out.extend_from_slice(part);
+    }
+    Ok(())
+}
+
+/// A record section of `len` bytes is within [`MAX_BATCH_RAW`].
+fn room(len: usize) -> Result<(), ProtoError> {
+    if len > MAX_BATCH_RAW {
+        return Err(ProtoError::TooLarge {
+            len,
+            max: MAX_BATCH_RAW,
+        });
+    }
+    Ok(())
+}
+
+/// Replaces the record section at `section` in `out` by its lz4 block when
+/// that pays, and fills the batch header just before it.
+fn seal_section(out: &mut Vec<u8>, section: usize, count: u32) {
     let raw_len = out.len() - section;
     let flags = match compress_if_pays(&out[section..]) {
         Some(c) => {
@@ -41,54 +103,10 @@ pub(super) fn encode(b: &Batch, out: &mut Vec<u8>, seq: Seq) -> Result<(), Proto
         }
         None => 0,
     };
-    if out.len() - head > MAX_FRAME {
-        return Err(ProtoError::TooLarge {
-            len: out.len() - head,
-            max: MAX_FRAME,
-        });
-    }
+    let head = section - BATCH_HEADER_LEN;
     out[head] = flags;
-    out[head + 1..head + 5].copy_from_slice(&(b.records.len() as u32).to_le_bytes());
+    out[head + 1..head + 5].copy_from_slice(&count.to_le_bytes());
     out[head + 5..head + 9].copy_from_slice(&(raw_len as u32).to_le_bytes());
-    Ok(())
-}
-
-/// Exact bytes `op` adds to a batch's record section (before the batch is
-/// compressed): a shipper keeps the sum under [`MAX_BATCH_RAW`]. Cheap: the
-/// payload is summed (CRC), not copied.
-pub fn record_wire_len(op: &Op<'_>) -> Result<usize, ProtoError> {
-    let body =
-        PreparedBody::new(op, usize::MAX, 0).map_err(|e| ProtoError::Encode(e.to_string()))?;
-    Ok(REC_HEADER_LEN + body.stored_len())
-}
-
-/// Appends the uncompressed record section to `out`: the records' WAL
-/// frames back to back (LSNs already checked).
-fn encode_records(b: &Batch, out: &mut Vec<u8>) -> Result<(), ProtoError> {
-    let seed = codec::crc_seed(WIRE_SALT);
-    let size: u64 = b
-        .records
-        .iter()
-        .map(|r| REC_HEADER_LEN as u64 + 64 + r.op.data_len())
-        .sum();
-    out.reserve(size.min(MAX_FRAME as u64) as usize);
-    let start = out.len();
-    for rec in &b.records {
-        let body = PreparedBody::new(&rec.op, usize::MAX, seed)
-            .map_err(|e| ProtoError::Encode(format!("record LSN {}: {e}", rec.lsn)))?;
-        let len = REC_HEADER_LEN + body.stored_len();
-        if out.len() - start + len > MAX_BATCH_RAW {
-            return Err(ProtoError::TooLarge {
-                len: out.len() - start + len,
-                max: MAX_BATCH_RAW,
-            });
-        }
-        out.extend_from_slice(&body.header(seed, rec.lsn, rec.time_ns));
-        for part in body.parts() {
-            out.extend_from_slice(part);
-        }
-    }
-    Ok(())
 }
 
 /// Non-empty, first LSN >= 1, each LSN one more than the previous.
@@ -331,14 +349,7 @@ impl BatchBuilder {
     /// Appends a record (its LSN must be greater than the last one's).
     pub fn push(&mut self, lsn: u64, time_ns: i64, op: &Op<'_>) -> Result<(), ProtoError> {
         check_next(self.last, lsn, Seq::Log).map_err(ProtoError::Encode)?;
-        let seed = codec::crc_seed(WIRE_SALT);
-        let body = PreparedBody::new(op, usize::MAX, seed)
-            .map_err(|e| ProtoError::Encode(format!("record LSN {lsn}: {e}")))?;
-        self.room(REC_HEADER_LEN + body.stored_len())?;
-        self.buf.extend_from_slice(&body.header(seed, lsn, time_ns));
-        for part in body.parts() {
-            self.buf.extend_from_slice(part);
-        }
+        append_record(&mut self.buf, SECTION_AT, lsn, time_ns, op)?;
         self.count += 1;
         self.last = Some(lsn);
         Ok(())
@@ -362,7 +373,7 @@ impl BatchBuilder {
                 h.lsn
             )));
         }
-        self.room(REC_HEADER_LEN + stored.len())?;
+        room(self.raw_len() + REC_HEADER_LEN + stored.len())?;
         let wire = FrameHeader {
             crc: codec::reseed_crc(h.crc, seed, codec::crc_seed(WIRE_SALT), stored.len()),
             ..*h
@@ -374,36 +385,13 @@ impl BatchBuilder {
         Ok(())
     }
 
-    fn room(&self, more: usize) -> Result<(), ProtoError> {
-        let len = self.raw_len() + more;
-        if len > MAX_BATCH_RAW {
-            return Err(ProtoError::TooLarge {
-                len,
-                max: MAX_BATCH_RAW,
-            });
-        }
-        Ok(())
-    }
-
     /// The whole BATCH frame, ready to send.
     pub fn finish(mut self) -> Result<Vec<u8>, ProtoError> {
         if self.count == 0 {
             return Err(ProtoError::Encode("empty batch".into()));
         }
-        let raw_len = self.raw_len();
-        let flags = match compress_if_pays(&self.buf[SECTION_AT..]) {
-            Some(c) => {
-                self.buf.truncate(SECTION_AT);
-                self.buf.extend_from_slice(&c);
-                FLAG_BATCH_LZ4
-            }
-            None => 0,
-        };
-        let h = super::FRAME_HEADER_LEN;
+        seal_section(&mut self.buf, SECTION_AT, self.count);
         self.buf[4] = super::frame_type::BATCH;
-        self.buf[h] = flags;
-        self.buf[h + 1..h + 5].copy_from_slice(&self.count.to_le_bytes());
-        self.buf[h + 5..h + 9].copy_from_slice(&(raw_len as u32).to_le_bytes());
         super::seal_frame(&mut self.buf, MAX_FRAME)?;
         Ok(self.buf)
     }
