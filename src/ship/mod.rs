@@ -539,7 +539,6 @@ impl Ctx {
         // Subscribed before the first look at `durable_lsn` (in `next_batch`
         // below): no advance after that look goes unnoticed.
         let durable_rx = self.wal.durable_notifier();
-        let mut durable_seen = (self.wal.durable_lsn(), Instant::now());
         // When the catalog was last asked for paths to repair.
         let mut repair_check = Instant::now();
         loop {
@@ -570,7 +569,6 @@ impl Ctx {
                 idle_polls = 0;
             } else if in_flight.is_empty() {
                 self.maybe_retire();
-                self.nudge_durability(&mut durable_seen)?;
                 let caught_up = tail.next_lsn() > self.wal.durable_lsn();
                 // A drain is not done while repairs wait: look at once.
                 let due = mode == Mode::Drain || repair_check.elapsed() >= REPAIR_CHECK;
@@ -606,8 +604,11 @@ impl Ctx {
             let mut next = if in_flight.is_empty() {
                 // Idle: woken by the WAL once a record after the tail is
                 // durable (the first append after the wait began, or the group
-                // commit); nothing polls. Unsynced records still get synced
-                // after `poll_interval`, so `durability = "os"` ships too.
+                // commit); nothing polls. Only durable records are shipped (a
+                // machine crash of the source cannot un-write what the mirror
+                // applied): records still unsynced after `poll_interval` are
+                // synced by this wait, so the lag is one fdatasync, not a timer
+                // period, and `durability = "os"` ships too.
                 self.wal.wait_durable_beyond(
                     tail.next_lsn() - 1,
                     self.cfg.poll_interval,
@@ -699,22 +700,6 @@ impl Ctx {
                 }
             }
         }
-    }
-
-    /// Only durable records are shipped (a machine crash of the source cannot
-    /// un-write what the mirror applied). An idle shipper with records waiting
-    /// to become durable asks for the group commit at once instead of waiting
-    /// for the batch timer (or forever, with `durability = "os"`): the lag is
-    /// then one fdatasync, not a timer period.
-    fn nudge_durability(&self, seen: &mut (Lsn, Instant)) -> Result<()> {
-        let durable = self.wal.durable_lsn();
-        if durable != seen.0 {
-            *seen = (durable, Instant::now());
-        } else if self.wal.head_lsn() > durable && seen.1.elapsed() >= self.cfg.poll_interval {
-            self.wal.sync(self.wal.head_lsn())?;
-            *seen = (self.wal.durable_lsn(), Instant::now());
-        }
-        Ok(())
     }
 
     /// The BATCH frame of up to `batch_bytes` of records, none beyond
