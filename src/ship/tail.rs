@@ -71,18 +71,7 @@ impl Tail {
 
     /// The next record, or `None` when none is written yet.
     pub fn next_record(&mut self) -> Result<Option<Record>, WalError> {
-        let mut refreshed = false;
-        loop {
-            if let Some(rec) = self.scanner.next_record()? {
-                return Ok(Some(rec));
-            }
-            if !self.next_segment()? {
-                if refreshed {
-                    return Ok(None);
-                }
-                refreshed = true;
-            }
-        }
+        self.read_next(|s| s.next_record())
     }
 
     /// The next frame (checked like [`Tail::next_record`]'s, not decoded),
@@ -92,11 +81,24 @@ impl Tail {
         &mut self,
         f: impl FnOnce(&RawFrame<'_>, u32) -> R,
     ) -> Result<Option<R>, WalError> {
+        let mut f = Some(f);
+        self.read_next(|s| {
+            let seed = s.crc_seed();
+            Ok(s.next_frame()?
+                .and_then(|frame| f.take().map(|f| f(&frame, seed))))
+        })
+    }
+
+    /// `read` at the cursor, across segment ends; at the end of the data it
+    /// looks once more after refreshing the window (see `next_segment`).
+    fn read_next<R>(
+        &mut self,
+        mut read: impl FnMut(&mut SegmentScanner) -> Result<Option<R>, WalError>,
+    ) -> Result<Option<R>, WalError> {
         let mut refreshed = false;
         loop {
-            let seed = self.scanner.crc_seed();
-            if let Some(frame) = self.scanner.next_frame()? {
-                return Ok(Some(f(&frame, seed)));
+            if let Some(r) = read(&mut self.scanner)? {
+                return Ok(Some(r));
             }
             if !self.next_segment()? {
                 if refreshed {
