@@ -41,7 +41,7 @@ use super::inodes::Inode;
 /// How often watched inodes are looked at.
 pub const ROUND: Duration = Duration::from_secs(1);
 
-/// A watched inode: BACKING open read-only (to flush and stat it).
+/// A watched inode, with a descriptor of BACKING (to flush and stat it).
 pub struct Watched {
     pub node: Arc<Inode>,
     pub fd: OwnedFd,
@@ -66,17 +66,30 @@ pub struct MapWatch {
 
 impl MapWatch {
     /// A writable passthrough open of `node` starts: watched from now on
-    /// (`fd`: BACKING, opened read-only).
-    pub fn opened(&self, node: Arc<Inode>, fd: OwnedFd) {
+    /// (`fd` gives a descriptor of BACKING to flush and stat).
+    pub fn opened(&self, node: &Arc<Inode>, fd: impl FnOnce() -> std::io::Result<OwnedFd>) {
         *self.dio_opens.lock().entry(node.ino).or_default() += 1;
         self.watch(node, fd);
     }
 
-    /// Watches `node` unless it is already.
-    pub fn watch(&self, node: Arc<Inode>, fd: OwnedFd) {
+    /// Watches `node` unless it is already (`fd` is only called then).
+    pub fn watch(&self, node: &Arc<Inode>, fd: impl FnOnce() -> std::io::Result<OwnedFd>) {
         let mut w = self.watched.lock();
-        w.entry(node.ino).or_insert(Watched { node, fd });
-        self.wake.notify_one();
+        if let std::collections::hash_map::Entry::Vacant(e) = w.entry(node.ino) {
+            match fd() {
+                Ok(fd) => {
+                    e.insert(Watched {
+                        node: node.clone(),
+                        fd,
+                    });
+                    self.wake.notify_one();
+                }
+                Err(err) => log::warn!(
+                    "passthrough: inode {}: cannot watch for stores through mappings: {err}",
+                    node.ino
+                ),
+            }
+        }
     }
 
     /// A writable passthrough open of `ino` was released (the inode stays

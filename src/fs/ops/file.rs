@@ -60,8 +60,7 @@ impl Core {
     /// (`crate::fs::mapwatch`).
     pub fn watch_dio_open(&self, fh: u64) -> Res<()> {
         let h = self.handle(fh)?;
-        let fd = sys::reopen(h.node.raw(), libc::O_RDONLY)?;
-        self.mapwatch.opened(h.node.clone(), fd);
+        self.mapwatch.opened(&h.node, || h.fd.try_clone());
         Ok(())
     }
 
@@ -76,11 +75,9 @@ impl Core {
     pub fn check_unlogged(&self, fh: u64) -> Res<bool> {
         let h = self.handle(fh)?;
         self.mapwatch.released(h.node.ino);
-        let logged = self.check_stores(&h.node, h.fd.as_raw_fd(), true)?;
-        // (Watched since the open; again in case that failed.)
-        let fd = sys::reopen(h.node.raw(), libc::O_RDONLY)?;
-        self.mapwatch.watch(h.node.clone(), fd);
-        Ok(logged)
+        // (Watched since the open; here too in case that failed.)
+        self.mapwatch.watch(&h.node, || h.fd.try_clone());
+        self.check_stores(&h.node, h.fd.as_raw_fd(), true)
     }
 
     /// One round of `mapwatch`: checks every watched inode, and keeps
