@@ -157,8 +157,6 @@ impl MirrorDb {
             .with_context(|| self.ctx())
     }
 
-    /// Records a resync request; recording the same one twice (a record
-    /// re-applied after a crash) keeps one row.
     /// The source the volume's replica was last baselined from ("" = none)
     /// and the sync horizon (records up to it may be skipped when they
     /// cannot apply: see `Msg::SyncEnd`).
@@ -242,23 +240,17 @@ impl MirrorDb {
         r.map(drop).with_context(|| self.ctx())
     }
 
+    /// Records a resync request; recording the same one twice (a record
+    /// re-applied after a crash) keeps one row.
     pub fn add_resync(&self, volume: &str, path: &[u8], reason: &str, lsn: Lsn) -> Result<()> {
-        let now = crate::wal::segment::now_ns();
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO resync (volume, path, reason, lsn, time_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![volume, path, reason, to_sql(lsn), now],
-            )
-            .map(drop)
-            .with_context(|| self.ctx())
+        self.add_resyncs(volume, &[path], reason, lsn)
     }
 
     /// Records several resync requests in one transaction (one flush).
     pub fn add_resyncs(
         &self,
         volume: &str,
-        paths: &[Vec<u8>],
+        paths: &[impl AsRef<[u8]>],
         reason: &str,
         lsn: Lsn,
     ) -> Result<()> {
@@ -275,7 +267,7 @@ impl MirrorDb {
                 )
                 .with_context(|| self.ctx())?;
             for p in paths {
-                st.execute(params![volume, p, reason, to_sql(lsn), now])
+                st.execute(params![volume, p.as_ref(), reason, to_sql(lsn), now])
                     .with_context(|| self.ctx())?;
             }
         }
