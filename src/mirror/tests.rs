@@ -112,13 +112,17 @@ impl Rig {
 
     fn apply(&self, b: &Batch) -> Result<Lsn, BatchError> {
         let alive = volume::test_liveness();
-        let cx = Ctx {
+        self.vol.apply_batch(b, &self.cx(&alive))
+    }
+
+    /// The context of a connection whose liveness is `alive`.
+    fn cx<'a>(&'a self, alive: &'a volume::Liveness) -> Ctx<'a> {
+        Ctx {
             peer: "127.0.0.1:1".parse().unwrap(),
             db: &self.db,
-            alive: &alive,
+            alive,
             shutdown: &self.stop,
-        };
-        self.vol.apply_batch(b, &cx)
+        }
     }
 }
 
@@ -368,12 +372,7 @@ fn a_baseline_voids_the_doubt() {
     position_from_another_boot(&r, 5, 0);
     r.reopen();
     let alive = volume::test_liveness();
-    let cx = Ctx {
-        peer: "127.0.0.1:1".parse().unwrap(),
-        db: &r.db,
-        alive: &alive,
-        shutdown: &r.stop,
-    };
+    let cx = r.cx(&alive);
     r.vol.sync_begin(100, "src", &cx).unwrap();
     assert_eq!(r.db.lock().in_doubt("v").unwrap(), 0);
     // LSN 101 of the new source is not in doubt: applied strictly.
@@ -459,12 +458,7 @@ fn one_shipper_per_volume_unless_the_owner_went_silent() {
 fn applying_moves_the_catalog_only_when_a_persist_covers_it() {
     let r = Rig::new();
     let alive = volume::test_liveness();
-    let cx = Ctx {
-        peer: "127.0.0.1:1".parse().unwrap(),
-        db: &r.db,
-        alive: &alive,
-        shutdown: &r.stop,
-    };
+    let cx = r.cx(&alive);
     let catalog = || {
         r.db.lock()
             .volume("v")
