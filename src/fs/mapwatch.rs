@@ -109,14 +109,6 @@ impl MapWatch {
         self.dio_opens.lock().contains_key(&ino)
     }
 
-    pub fn len(&self) -> usize {
-        self.watched.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Waits until something is watched and a round is due, then takes
     /// the watched inodes out (`put_back` returns those still mapped),
     /// holding the round lock. None: stopping.
