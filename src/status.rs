@@ -80,6 +80,9 @@ pub struct MountStats {
     pub passthrough_opens: std::sync::atomic::AtomicU64,
     pub passthrough_dio_opens: std::sync::atomic::AtomicU64,
     pub cached_opens: std::sync::atomic::AtomicU64,
+    /// FLUSH requests (one per close(2) of a file unless the open said
+    /// FOPEN_NOFLUSH, which replfs does except under the writeback cache).
+    pub flush_requests: std::sync::atomic::AtomicU64,
     /// Whether passthrough is in force, and why not ("off: ...").
     pub passthrough: parking_lot::Mutex<String>,
 }
@@ -93,6 +96,8 @@ pub struct MountView {
     pub passthrough_opens: u64,
     pub passthrough_dio_opens: u64,
     pub cached_opens: u64,
+    #[serde(default)]
+    pub flush_requests: u64,
 }
 
 impl MountStats {
@@ -105,6 +110,7 @@ impl MountStats {
             passthrough_opens: self.passthrough_opens.load(Relaxed),
             passthrough_dio_opens: self.passthrough_dio_opens.load(Relaxed),
             cached_opens: self.cached_opens.load(Relaxed),
+            flush_requests: self.flush_requests.load(Relaxed),
         }
     }
 }

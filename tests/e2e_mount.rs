@@ -7,7 +7,7 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 
 use common::workload::{mixed_workload, pattern};
 use common::*;
@@ -319,6 +319,68 @@ fn mmap_writes_and_o_append_are_logged() {
     assert_same_tree(&rig.backing, &replayed);
 }
 
+/// Opens say FOPEN_NOFLUSH: close(2) costs no FLUSH round trip. Pages
+/// dirtied through a shared mapping after the close still reach BACKING and
+/// the log (the kernel writes them back at munmap).
+#[test]
+fn close_sends_no_flush_and_stores_after_close_still_reach_the_log() {
+    let rig = Rig::new();
+    prepare_root(&rig);
+    let m = rig.mount(Some("[mount]\npassthrough = false\n"));
+    let flushes = || {
+        status_json(&rig.state)["mount"]["flush_requests"]
+            .as_u64()
+            .unwrap()
+    };
+    let writeback = std::env::var_os("REPLFS_TEST_WRITEBACK_CACHE").is_some_and(|v| v != "0");
+    let before = flushes();
+    for i in 0..20u64 {
+        fs::write(rig.mnt.join(format!("f{i}")), pattern(5000, i)).unwrap();
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .open(rig.mnt.join("f3"))
+        .unwrap();
+    f.write_all_at(b"again", 10).unwrap();
+    drop(f);
+    assert_eq!(fs::read(rig.mnt.join("f4")).unwrap(), pattern(5000, 4));
+    if writeback {
+        assert!(flushes() > before, "the writeback cache flushes at close");
+    } else {
+        assert_eq!(flushes(), before, "22 closes, no FLUSH");
+    }
+
+    let p = rig.mnt.join("mapped");
+    fs::write(&p, vec![b'.'; 8192]).unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED);
+        drop(f);
+        std::ptr::copy_nonoverlapping(b"after close".as_ptr(), (addr as *mut u8).add(4100), 11);
+        assert_eq!(libc::munmap(addr, 8192), 0);
+    }
+    let mut want = vec![b'.'; 8192];
+    want[4100..4111].copy_from_slice(b"after close");
+    assert_eq!(fs::read(&p).unwrap(), want);
+    assert_eq!(
+        fs::read(rig.backing.join("mapped")).unwrap(),
+        want,
+        "in BACKING after munmap"
+    );
+    assert_same_tree(&rig.mnt, &rig.backing);
+    m.unmount();
+    let replayed = rig.replay("replayed", &[]);
+    assert_same_tree(&rig.backing, &replayed);
+}
+
 #[test]
 fn seek_data_hole_statfs_and_locks_work_through_the_mount() {
     let rig = Rig::new();
@@ -332,7 +394,7 @@ fn seek_data_hole_statfs_and_locks_work_through_the_mount() {
         .truncate(true)
         .open(&p)
         .unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &pattern(4096, 1), 8 << 20).unwrap();
+    f.write_all_at(&pattern(4096, 1), 8 << 20).unwrap();
     let fd = f.as_raw_fd();
     let data = unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) };
     let hole = unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) };
