@@ -32,6 +32,7 @@ STARTED = []          # Popen objects we started (only these are ever killed)
 MOUNTS = []           # mountpoints we mounted
 SCRATCH = None
 EXTRA_DIRS = []       # scratch dirs outside SCRATCH (--state-dir)
+IMAGES = []           # (mountpoint, loop device) of the --fs image file systems we made
 T_START = time.monotonic()
 
 
@@ -76,7 +77,13 @@ class Replfs:
                            if mirror_parent else os.path.join(scratch, "mirror"))
         if mirror_parent:
             EXTRA_DIRS.append(self.mirror_dir)
-        self.mstate = os.path.join(scratch, "mirror-state")
+        # The mirror's own state goes with its replica (another file system
+        # with --mirror-dir or --fs image).
+        self.mstate = (os.path.join(self.mirror_dir, "..", os.path.basename(self.mirror_dir) + ".state")
+                       if mirror_parent else os.path.join(scratch, "mirror-state"))
+        self.mstate = os.path.normpath(self.mstate)
+        if mirror_parent:
+            EXTRA_DIRS.append(self.mstate)
         self.key = os.path.join(scratch, "key")
         for d in (self.backing, self.mnt, self.state, self.mirror_dir, self.mstate):
             os.makedirs(d, exist_ok=True)
@@ -144,11 +151,15 @@ class Replfs:
             return None
 
     def settle(self):
-        """--settle: let the shipper and the mirror finish (lag 0) so that
-        read workloads do not share the 2 cores with replication."""
+        """Before a workload: let the shipper and the mirror finish what the
+        workloads before it left (lag 0), so that each workload is measured
+        with its own replication running beside it, not the tail of the
+        previous one's (the 1 GiB sequential write leaves 4-13 s of it)."""
         t = self.wait_drained(300)
-        log(f"settle: replication idle after {t:.1f} s" if t is not None
-            else "settle: lag not 0 after 300 s, measuring anyway")
+        if t is None:
+            log("settle: lag not 0 after 300 s, measuring anyway")
+        elif t > 0.5:
+            log(f"settle: replication idle after {t:.1f} s")
 
     def wait_drained(self, timeout):
         """Seconds until status shows lag_records 0 (None on timeout)."""
@@ -206,10 +217,56 @@ def cleanup():
         except Exception as e:  # noqa: BLE001
             log(f"stop pid {p.pid}: {e}")
     keep = ARGS is not None and ARGS.keep  # None: --help, or bad arguments
+    for mp, loop in reversed(IMAGES if not keep else []):
+        r = run(["umount", mp], check=False, timeout=120, capture_output=True)
+        if r.returncode != 0:
+            log(f"umount {mp}: {r.stderr.decode().strip()}; detaching lazily")
+            run(["umount", "-l", mp], check=False, timeout=60, capture_output=True)
+        run(["losetup", "-d", loop], check=False, timeout=60, capture_output=True)
+    if keep and IMAGES:
+        log("--keep: image file systems left mounted: "
+            + ", ".join(f"{mp} ({loop})" for mp, loop in IMAGES))
     if SCRATCH and os.path.isdir(SCRATCH) and not keep:
         shutil.rmtree(SCRATCH, ignore_errors=True)
     for d in EXTRA_DIRS if not keep else []:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def image_fs(name, size):
+    """--fs image: a fresh ext4 made with mkfs.ext4's defaults (so with a
+    journal) in a preallocated image file under SCRATCH, on a loop device with
+    direct I/O (no second page cache on the host), mounted at SCRATCH/name.
+    Inode tables and the journal are written at mkfs time, so no lazy-init
+    thread writes beside the workloads. Returns the mountpoint."""
+    img = os.path.join(SCRATCH, name + ".img")
+    mp = os.path.join(SCRATCH, name)
+    os.makedirs(mp)
+    run(["fallocate", "-l", str(size), img], timeout=120)
+    run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", img], timeout=600)
+    loop = run(["losetup", "--direct-io=on", "--find", "--show", img],
+               capture_output=True, timeout=60).stdout.decode().strip()
+    try:
+        run(["mount", loop, mp], timeout=60)
+    except subprocess.CalledProcessError:
+        run(["losetup", "-d", loop], check=False, timeout=60)
+        raise
+    IMAGES.append((mp, loop))
+    return mp
+
+
+def describe_fs(path):
+    fstype = run(["stat", "-f", "-c", "%T", path], capture_output=True).stdout.decode().strip()
+    dev = run(["df", "--output=source", path], capture_output=True).stdout.decode().split()[-1]
+    opts = run(["findmnt", "-n", "-o", "OPTIONS", "-T", path], capture_output=True,
+               check=False).stdout.decode().strip()
+    journal = ""
+    if fstype == "ext2/ext3":  # stat -f's name for ext4 too
+        task = f"/sys/fs/ext4/{os.path.basename(os.path.realpath(dev))}/journal_task"
+        try:
+            journal = " journal=" + ("no" if open(task).read().strip() == "<none>" else "yes")
+        except OSError:
+            pass
+    return f"fs={fstype}{journal} dev={dev} options={opts}"
 
 
 # ---------------------------------------------------------------- workloads
@@ -228,8 +285,9 @@ def pct(lat, p="99.000000"):
 
 def wl_fio(d, sz, settle=lambda: None):
     """All fio workloads in one target dir; returns {workload: value}.
-    `settle` runs before each read workload (--settle: replication idle)."""
+    `settle` runs before each workload (see `quiesce`)."""
     res = {}
+    settle()
     j = fio("seq", d, ["--rw=write", "--bs=1M", f"--size={sz['seq']}", "--end_fsync=1"])
     res["seq write 1M +fsync (MiB/s)"] = j["write"]["bw_bytes"] / MIB
     settle()
@@ -239,6 +297,7 @@ def wl_fio(d, sz, settle=lambda: None):
     j = fio("seq", d, ["--rw=read", "--bs=1M", f"--size={sz['seq']}", "--invalidate=0"])
     res["seq read 1M warm (MiB/s)"] = j["read"]["bw_bytes"] / MIB
     # random I/O on a smaller region of the same file
+    settle()
     j = fio("seq", d, ["--rw=randwrite", "--bs=4k", f"--size={sz['rand']}",
                        f"--runtime={sz['rt']}", "--randrepeat=1"])
     res["4k randwrite buffered (MiB/s)"] = j["write"]["bw_bytes"] / MIB
@@ -246,11 +305,13 @@ def wl_fio(d, sz, settle=lambda: None):
     j = fio("seq", d, ["--rw=randread", "--bs=4k", f"--size={sz['rand']}",
                        f"--runtime={sz['rt']}", "--randrepeat=1", "--invalidate=0"])
     res["4k randread warm (MiB/s)"] = j["read"]["bw_bytes"] / MIB
+    settle()
     drop_caches()
     j = fio("seq", d, ["--rw=randread", "--bs=4k", f"--size={sz['rand']}",
                        f"--runtime={sz['rt']}", "--time_based", "--randrepeat=1"])
     res["4k randread cold (MiB/s)"] = j["read"]["bw_bytes"] / MIB
     os.unlink(os.path.join(d, "seq.dat"))
+    settle()
     j = fio("app", d, ["--rw=write", "--bs=4k", "--fdatasync=1", f"--size={sz['append']}",
                        f"--runtime={sz['rt']}"])
     res["4k append+fdatasync (ops/s)"] = j["write"]["iops"]
@@ -534,6 +595,7 @@ def wl_backlog(rf, size, rnd_src):
     rf.start_mirror()
     t0 = time.monotonic()
     first = None       # (seconds, acked_lsn) at the first ack seen after the restart
+    anomaly = None     # a status that said lag 0 below the head (see below)
     dt = None
     limit = max(120, size / (20 * MIB))
     while time.monotonic() - t0 < limit:
@@ -542,8 +604,15 @@ def wl_backlog(rf, size, rnd_src):
         if first is None and (st.get("acked_lsn") or 0) > acked0:
             first = (now, st["acked_lsn"])
         if st.get("lag_records") == 0:
-            dt = now
-            break
+            if (st.get("acked_lsn") or 0) >= (st0.get("head_lsn") or 0):
+                dt = now
+                break
+            # Lag must be known at every moment (DESIGN invariant 8): a zero
+            # lag below the head seen before the restart is a bug to report.
+            if not anomaly:
+                anomaly = st
+                log(f"backlog: status shows lag 0 at acked LSN {st.get('acked_lsn')} below "
+                    f"the head {st0.get('head_lsn')} seen before the restart: {json.dumps(st)}")
         time.sleep(0.02)
     steady = None
     if dt and first and dt > first[0]:
@@ -561,6 +630,7 @@ def wl_backlog(rf, size, rnd_src):
         "ship_steady_mib_s": steady / MIB if steady else None,
         "mount_mem": vm_status(rf.mount.pid), "mount_mem_before_drain": mount_mem_before,
         "mirror_mem": vm_status(rf.mirror.pid),
+        "status_before_drain": st0, "false_zero_lag_status": anomaly,
     }
     run(["rm", "-r", bd], timeout=300)
     return res
@@ -596,9 +666,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (debugging)")
     ap.add_argument("--json", metavar="FILE", help="also write all figures as JSON here")
-    ap.add_argument("--settle", action="store_true",
-                    help="before each fio read workload on the mount, wait until the mirror has "
-                         "caught up (lag 0): reads measured without replication running beside them")
+    ap.add_argument("--no-settle", dest="settle", action="store_false",
+                    help="run the workloads back to back: do not sync and wait for the mirror to "
+                         "catch up (lag 0) before each one, so a workload also pays for the "
+                         "replication of the ones before it")
+    ap.add_argument("--settle", action="store_true", default=True, help=argparse.SUPPRESS)
+    ap.add_argument("--fs", choices=("image", "here"), default=None,
+                    help="image (default; --quick: here): native dir, BACKING and the WAL on a fresh "
+                         "journaled ext4 in an image file on a loop device, the replica on a second "
+                         "one; here: everything in a dir under /tmp, on whatever file system that is")
     ap.add_argument("--config", metavar="FILE", help="config file for `replfs mount` (e.g. writeback_cache)")
     ap.add_argument("--state-dir", metavar="DIR",
                     help="put the mount's state dir (the WAL) in a new dir under DIR, e.g. on another "
@@ -644,14 +720,24 @@ def main():
     if shutil.which("fusermount3") is None:
         sys.exit("fusermount3 missing (apt-get install fuse3)")
 
+    fs_mode = ARGS.fs or ("here" if q else "image")
     SCRATCH = tempfile.mkdtemp(prefix="replfs-bench.", dir="/tmp")
-    fstype = run(["stat", "-f", "-c", "%T", SCRATCH], capture_output=True).stdout.decode().strip()
-    dev = run(["df", "--output=source", SCRATCH], capture_output=True).stdout.decode().split()[-1]
     print(f"machine: nproc={os.cpu_count()} kernel={platform.release()} "
-          f"scratch={SCRATCH} fs={fstype} dev={dev} mem={os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // MIB} MiB")
+          f"mem={os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // MIB} MiB; "
+          f"scratch {SCRATCH}: {describe_fs(SCRATCH)}")
+    work, mirror_parent = SCRATCH, ARGS.mirror_dir
+    if fs_mode == "image":
+        work = image_fs("src", (4 if q else 12) * GIB)
+        if not mirror_parent:
+            mirror_parent = image_fs("replica", (2 if q else 8) * GIB)
+        print(f"--fs image: native dir, BACKING, WAL in {work}: {describe_fs(work)}; "
+              f"replica in {mirror_parent}"
+              + ("" if ARGS.mirror_dir else f": {describe_fs(mirror_parent)}")
+              + "; loop devices with direct I/O on the scratch file system above")
     cfg_text = open(ARGS.config).read().strip().replace("\n", "; ") if ARGS.config else "defaults"
-    print(f"mount config: {cfg_text}; groups: {','.join(sorted(only))}"
-          + ("; settle: reads wait for lag 0" if ARGS.settle else ""))
+    print(f"mount config: {cfg_text}; groups: {','.join(sorted(only))}; "
+          + ("settle: sync and lag 0 before each workload" if ARGS.settle
+             else "no settle: workloads back to back"))
     if ARGS.state_dir:
         sfs = run(["stat", "-f", "-c", "%T", ARGS.state_dir], capture_output=True).stdout.decode().strip()
         sdev = run(["df", "--output=source", ARGS.state_dir], capture_output=True).stdout.decode().split()[-1]
@@ -663,14 +749,14 @@ def main():
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  git: "
           + run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, check=False).stdout.decode().strip(), flush=True)
 
-    native = os.path.join(SCRATCH, "native")
+    native = os.path.join(work, "native")
     os.makedirs(native)
     tarball = os.path.join(SCRATCH, "src.tar")
     nfiles, tbytes = make_tarball(tarball, sz["tar"])
     log(f"tarball: {nfiles} files, {tbytes / MIB:.1f} MiB")
     rnd_src = random_block_file(SCRATCH, 64 * MIB)
 
-    rf = Replfs(SCRATCH, ARGS.state_dir, ARGS.mirror_dir)
+    rf = Replfs(work, ARGS.state_dir, mirror_parent)
     rf.config = os.path.abspath(ARGS.config) if ARGS.config else None
     rf.start_mirror()
     rf.start_mount()
@@ -685,13 +771,16 @@ def main():
             d = os.path.join(base, f"run{r}")
             os.makedirs(d)
             log(f"repeat {r + 1}/{reps}: {side}: fio")
-            wait_lag = (lambda: None) if side == "native" or not ARGS.settle else rf.settle
-            figs = wl_fio(d, sz, wait_lag)
+            quiesce = (lambda: None) if not ARGS.settle else (
+                os.sync if side == "native" else lambda: (rf.settle(), os.sync()))
+            figs = wl_fio(d, sz, quiesce)
             log(f"repeat {r + 1}/{reps}: {side}: small files")
-            settle_inodes(sz["inode_settle"])
+            quiesce()
+            settle_inodes(sz["inode_settle"] if fs_mode == "here" else 0)
             figs.update(wl_small(d, sz["small"], sz["small_sync"]))
             log(f"repeat {r + 1}/{reps}: {side}: build-like")
-            settle_inodes(sz["inode_settle"])
+            quiesce()
+            settle_inodes(sz["inode_settle"] if fs_mode == "here" else 0)
             figs.update(wl_build(d, tarball))
             os.rmdir(d)
             for k, v in figs.items():
@@ -770,6 +859,9 @@ def print_backlog(bl):
     else:
         print(f"shipper drain: DID NOT FINISH in time; disk read {bl['disk_read_mib_s']:.0f} MiB/s, "
               f"TCP {bl['tcp_loopback_mib_s']:.0f} MiB/s")
+    if bl["false_zero_lag_status"]:
+        print("WARNING: status said lag 0 below the head during the drain (see the log and "
+              "false_zero_lag_status in --json)")
     mm, mi = bl["mount_mem"], bl["mirror_mem"]
     print(f"peak RSS (VmHWM): mount {mm.get('VmHWM', 0) / MIB:.1f} MiB (now {mm.get('VmRSS', 0) / MIB:.1f}), "
           f"mirror {mi.get('VmHWM', 0) / MIB:.1f} MiB (now {mi.get('VmRSS', 0) / MIB:.1f}) "
