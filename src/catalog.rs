@@ -25,6 +25,16 @@ pub const KEY_VOLUME_ID: &str = "volume_id";
 pub const KEY_SOURCE_ID: &str = "source_id";
 /// Key of the backing directory the last `replfs mount` served (absolute).
 pub const KEY_BACKING: &str = "source.backing";
+/// Key of the BACKING checkpoint: every change logged at or below this LSN
+/// is durable in BACKING (a `syncfs` of it completed after the record was
+/// appended). Segments are not retired past it.
+pub const KEY_BACKING_CHECKPOINT: &str = "backing.checkpoint_lsn";
+/// Key of the kernel boot id under which the last mount ran.
+pub const KEY_BACKING_BOOT: &str = "backing.boot_id";
+/// Key set when a mount finds the machine restarted since the last mount
+/// with records after the checkpoint: BACKING may lack changes logged after
+/// this LSN; cleared once their paths are recorded for resync.
+pub const KEY_BACKING_DOUBT: &str = "backing.doubt_after";
 const SCHEMA_VERSION: &str = "1";
 
 const SCHEMA: &str = "

@@ -153,6 +153,14 @@ pub struct MountConfig {
     /// which needs BACKING on ext4, XFS or btrfs and Linux 6.13+; elsewhere
     /// passthrough stays off. On by default.
     pub passthrough: bool,
+    /// How often BACKING is made durable (`syncfs`) and that point recorded
+    /// as the BACKING checkpoint. After a machine crash, the paths changed by
+    /// records after the last checkpoint may have lost those changes in
+    /// BACKING while the WAL (synced every `wal.sync_interval`) kept them:
+    /// the next mount has them repaired on the mirror from BACKING. Segments
+    /// are not retired past the checkpoint. Also done at unmount.
+    #[serde(with = "humantime_serde_compat")]
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for MountConfig {
@@ -163,6 +171,7 @@ impl Default for MountConfig {
             allow_other: true,
             writeback_cache: false,
             passthrough: true,
+            checkpoint_interval: Duration::from_secs(30),
         }
     }
 }
@@ -283,6 +292,10 @@ impl Config {
         self.throttle.validate()?;
         if self.wal.sync_interval.is_zero() {
             bail!("wal.sync_interval must be greater than zero");
+        }
+        let ci = self.mount.checkpoint_interval;
+        if ci < Duration::from_millis(100) || ci > Duration::from_secs(3600) {
+            bail!("mount.checkpoint_interval must be between 100ms and 1h");
         }
         Ok(())
     }

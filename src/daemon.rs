@@ -181,3 +181,47 @@ pub fn spawn_signal_thread(
         error!("cannot start the signal thread: {e}");
     }
 }
+
+/// The running kernel's boot id (`/proc/sys/kernel/random/boot_id`, a
+/// random UUID drawn at every boot); `None` when it cannot be read.
+pub fn boot_id() -> Option<[u8; 16]> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    parse_uuid(text.trim())
+}
+
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = s.bytes().filter(|&b| b != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let pair = std::str::from_utf8(pair).ok()?;
+        id[i] = u8::from_str_radix(pair, 16).ok()?;
+    }
+    (id != [0; 16]).then_some(id)
+}
+
+#[cfg(test)]
+mod boot_id_tests {
+    use super::*;
+
+    #[test]
+    fn boot_ids_parse_as_uuids() {
+        assert_eq!(
+            parse_uuid("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
+            Some([
+                0x0f, 0x1e, 0x2d, 0x3c, 0x4b, 0x5a, 0x69, 0x78, 0x87, 0x96, 0xa5, 0xb4, 0xc3, 0xd2,
+                0xe1, 0xf0
+            ])
+        );
+        for bad in [
+            "",
+            "0f1e",
+            "zz1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+            "00000000-0000-0000-0000-000000000000",
+        ] {
+            assert_eq!(parse_uuid(bad), None, "{bad}");
+        }
+    }
+}

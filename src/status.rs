@@ -83,6 +83,9 @@ pub struct MountStats {
     /// FLUSH requests (one per close(2) of a file unless the open said
     /// FOPEN_NOFLUSH, which replfs does except under the writeback cache).
     pub flush_requests: std::sync::atomic::AtomicU64,
+    /// The BACKING checkpoint: every change logged up to this LSN is
+    /// durable in BACKING (`crate::fs::checkpoint`).
+    pub checkpoint_lsn: std::sync::atomic::AtomicU64,
     /// Whether passthrough is in force, and why not ("off: ...").
     pub passthrough: parking_lot::Mutex<String>,
 }
@@ -98,6 +101,8 @@ pub struct MountView {
     pub cached_opens: u64,
     #[serde(default)]
     pub flush_requests: u64,
+    #[serde(default)]
+    pub checkpoint_lsn: u64,
 }
 
 impl MountStats {
@@ -111,6 +116,7 @@ impl MountStats {
             passthrough_dio_opens: self.passthrough_dio_opens.load(Relaxed),
             cached_opens: self.cached_opens.load(Relaxed),
             flush_requests: self.flush_requests.load(Relaxed),
+            checkpoint_lsn: self.checkpoint_lsn.load(Relaxed),
         }
     }
 }
@@ -381,6 +387,10 @@ pub fn render(st: &Status) -> String {
                 m.cached_opens,
                 m.read_requests
             ),
+        ));
+        out.push((
+            "BACKING durable",
+            format!("up to LSN {} (checkpoint)", m.checkpoint_lsn),
         ));
     }
     if !st.daemon {

@@ -288,6 +288,72 @@ fn a_machine_crash_of_the_mirror_is_caught_up_and_repaired() {
     p.mirror.stop();
 }
 
+/// A machine crash of the *source*: the WAL (synced every 10 ms) and the
+/// mirror hold changes that BACKING, still in the page cache, lost. The next
+/// mount sees another boot id and records after the BACKING checkpoint, and
+/// has their paths repaired on the mirror from BACKING, which wins.
+#[test]
+fn a_machine_crash_of_the_source_repairs_the_mirror_to_backing() {
+    let p = Pair::new(7);
+    // No periodic checkpoint during the test: the unmount takes one.
+    let cfg = "[mount]\ncheckpoint_interval = \"1h\"\n";
+    let mount = || Mount::start_shipping(&p.rig, Some(cfg), &p.mirror.addr(), &p.key);
+    let m = mount();
+    let mnt = &p.rig.mnt;
+    fs::write(mnt.join("keep"), pattern(100_000, 1)).unwrap();
+    fs::write(mnt.join("a"), b"A").unwrap();
+    fs::write(mnt.join("b"), b"B").unwrap();
+    wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
+    m.unmount();
+    let m = mount();
+    let st = status_json(&p.rig.state);
+    let checkpoint = st["mount"]["checkpoint_lsn"].as_u64().unwrap();
+    assert_eq!(
+        checkpoint,
+        st["head_lsn"].as_u64().unwrap(),
+        "unmount checkpoints: {st}"
+    );
+    // Changes after the checkpoint, shipped and applied...
+    fs::write(mnt.join("keep"), pattern(100_000, 2)).unwrap();
+    fs::write(mnt.join("c"), b"C").unwrap();
+    fs::rename(mnt.join("a"), mnt.join("z")).unwrap();
+    fs::write(mnt.join("g"), b"G").unwrap();
+    fs::remove_file(mnt.join("g")).unwrap();
+    wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
+    wait_status(&p.rig.state, CONVERGE, "acknowledged", |st| {
+        st["lag_records"] == 0 && st["acked_lsn"].as_u64() > Some(checkpoint)
+    });
+    // ...then the power goes: BACKING is back where the checkpoint left it
+    // (its page cache is gone), the WAL kept everything, and the kernel
+    // has a new boot id.
+    m.kill9();
+    let b = &p.rig.backing;
+    fs::write(b.join("keep"), pattern(100_000, 1)).unwrap();
+    fs::remove_file(b.join("c")).unwrap();
+    fs::rename(b.join("z"), b.join("a")).unwrap();
+    let db = rusqlite::Connection::open(p.rig.state.join("catalog.db")).unwrap();
+    let n = db
+        .execute(
+            "UPDATE kv SET value = '00112233445566778899aabbccddeeff' WHERE key = 'backing.boot_id'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "the mount recorded its boot id");
+    drop(db);
+    let m = mount();
+    wait_converged(&p.rig.backing, &p.mirror.dir, CONVERGE);
+    assert_eq!(
+        fs::read(p.mirror.dir.join("keep")).unwrap(),
+        pattern(100_000, 1)
+    );
+    assert!(!p.mirror.dir.join("c").exists() && !p.mirror.dir.join("z").exists());
+    let st = wait_status(&p.rig.state, CONVERGE, "repairs done", |st| {
+        st["sync"]["phase"] == "idle" && st["resync_pending"] == 0
+    });
+    assert_ne!(st["sync"]["repairs"], 0, "repaired, not resent: {st}");
+    m.unmount();
+}
+
 #[test]
 fn dropped_links_lose_nothing() {
     let p = Pair::new(7);

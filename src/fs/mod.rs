@@ -3,6 +3,7 @@
 //! `ops` is the core (testable without a kernel mount), `fuse` the thin fuser
 //! adapter, `inodes` the inode table, `sys` the syscall wrappers.
 
+pub mod checkpoint;
 pub mod error;
 pub mod fuse;
 pub mod inflight;
@@ -96,6 +97,10 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
     }
     let excludes = crate::exclude::Excludes::new(&args.config.exclude)?;
     check_exclude_list(&args.state, &wal, &excludes)?;
+    checkpoint::recover(&args.state, &wal)?;
+    // Opened before the mount: BACKING may be the mount point itself.
+    let root = std::fs::File::open(&args.backing)
+        .with_context(|| format!("cannot open {}", args.backing.display()))?;
     let (inflight, left) = inflight::Inflight::open(&args.state)?;
     mark_left_over(&wal, &args.backing, &excludes, left)?;
     let ship_wal = wal.clone();
@@ -145,10 +150,19 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
         }
     });
     let watcher = spawn_mapwatch(core.clone(), args.mountpoint.clone())?;
+    let checkpointer = checkpoint::spawn(
+        ship_wal.clone(),
+        root.into(),
+        args.config.mount.checkpoint_interval,
+        core.stats.clone(),
+    )?;
     on_mounted();
     let r = session.run();
     core.mapwatch.stop();
     let _ = watcher.join();
+    // Every change is in BACKING's page cache by now: the last checkpoint
+    // makes BACKING durable up to the head.
+    checkpointer.stop();
     services.stop();
     // destroy() closes the WAL; close again in case the session ended without it.
     core.shutdown();

@@ -189,6 +189,17 @@ struct Shared {
     /// Followers told (one token at most waiting each) whenever `durable`
     /// advances: see [`Wal::durable_notifier`].
     durable_subs: Mutex<Vec<crossbeam_channel::Sender<()>>>,
+    /// The BACKING checkpoint (see [`Wal::set_backing_checkpoint`]); no
+    /// segment holding a record past it is retired. `Lsn::MAX` when none was
+    /// ever recorded (a state dir from before checkpoints).
+    backing_checkpoint: AtomicU64,
+    /// Told when retirement waits for the BACKING checkpoint.
+    checkpoint_kick: Mutex<Option<crossbeam_channel::Sender<()>>>,
+    /// The last acknowledged LSN given to [`Wal::retire`]: a new checkpoint
+    /// retires what it held back without waiting for the next ack.
+    last_acked: AtomicU64,
+    /// Serialises retirement (the shipper after acks, a new checkpoint).
+    retiring: Mutex<()>,
     /// Held while syncing: serialises syncs so durable_lsn never passes an
     /// unsynced segment; whoever holds it is the group-commit leader.
     sync_io: Mutex<()>,
@@ -243,7 +254,13 @@ impl Wal {
         let lock = open::lock_state(state_dir)?;
         let catalog = Catalog::open(state_dir)?;
         let (log, report) = open::recover_log(&dir, cfg, &catalog)?;
+        let checkpoint = catalog
+            .get(crate::catalog::KEY_BACKING_CHECKPOINT)?
+            .and_then(|v| v.parse::<Lsn>().ok());
         let shared = Arc::new(Shared::new(cfg, dir, log, catalog, lock));
+        if let Some(c) = checkpoint {
+            shared.backing_checkpoint.store(c, Release);
+        }
         shared.init_space()?;
         let inner = Inner {
             shared,
@@ -397,10 +414,56 @@ impl Wal {
         self.inner.shared.mark_paths(&[path], reason)
     }
 
-    /// Deletes closed segments whose records are all `<= acked` and durable
-    /// (the shipper calls this once the mirror acknowledged them).
+    /// Deletes closed segments whose records are all `<= acked`, durable and
+    /// within the BACKING checkpoint (the shipper calls this once the mirror
+    /// acknowledged them). A segment kept only by the checkpoint asks for one
+    /// (see [`Wal::checkpoint_requests`]).
     pub fn retire(&self, acked: Lsn) -> Result<Vec<PathBuf>, WalError> {
-        self.inner.shared.retire(acked.min(self.durable_lsn()))
+        let s = &self.inner.shared;
+        s.last_acked.fetch_max(acked, AcqRel);
+        let (gone, held) = s.retire(
+            acked.min(self.durable_lsn()),
+            s.backing_checkpoint.load(Acquire),
+        )?;
+        if held && let Some(tx) = s.checkpoint_kick.lock().as_ref() {
+            let _ = tx.try_send(());
+        }
+        Ok(gone)
+    }
+
+    /// The BACKING checkpoint recorded in the catalog, if any.
+    pub fn backing_checkpoint(&self) -> Option<Lsn> {
+        let c = self.inner.shared.backing_checkpoint.load(Acquire);
+        (c != Lsn::MAX).then_some(c)
+    }
+
+    /// Records that every change logged at or below `lsn` is durable in
+    /// BACKING (the caller made it so, e.g. with `syncfs`), in the catalog
+    /// first; then retires the acknowledged segments it held back.
+    pub fn set_backing_checkpoint(&self, lsn: Lsn) -> Result<(), WalError> {
+        let s = &self.inner.shared;
+        let lsn = lsn.min(s.head.load(Acquire));
+        s.catalog
+            .lock()
+            .set(crate::catalog::KEY_BACKING_CHECKPOINT, &lsn.to_string())?;
+        let c = &s.backing_checkpoint;
+        let _ = c.fetch_update(AcqRel, Acquire, |old| {
+            (old == Lsn::MAX || old < lsn).then_some(lsn)
+        });
+        let acked = s.last_acked.load(Acquire);
+        if acked > 0 && !s.closed.load(Acquire) {
+            self.retire(acked)?;
+        }
+        Ok(())
+    }
+
+    /// A channel that gets a token whenever a segment the mirror has
+    /// acknowledged is kept only because it lies past the BACKING checkpoint
+    /// (the mount then checkpoints early). Replaces any earlier one.
+    pub fn checkpoint_requests(&self) -> crossbeam_channel::Receiver<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        *self.inner.shared.checkpoint_kick.lock() = Some(tx);
+        rx
     }
 
     /// Syncs everything, stops the threads, marks a clean shutdown. Idempotent.
@@ -510,6 +573,10 @@ impl Shared {
             sleeping: AtomicBool::new(false),
             follower_waiting: AtomicBool::new(false),
             durable_subs: Mutex::new(Vec::new()),
+            backing_checkpoint: AtomicU64::new(Lsn::MAX),
+            checkpoint_kick: Mutex::new(None),
+            last_acked: AtomicU64::new(0),
+            retiring: Mutex::new(()),
             sync_io: Mutex::new(()),
             _lock: lock,
         }

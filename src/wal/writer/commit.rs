@@ -364,16 +364,28 @@ impl Shared {
     /// Deletes closed segments whose last record is `<= upto` (kept for
     /// `wal.retain` unless the WAL is full); wakes the spare thread when
     /// space was freed.
-    pub(super) fn retire(&self, upto: Lsn) -> Result<Vec<PathBuf>, WalError> {
+    /// Retires the closed segments whose records are all `<= upto` and
+    /// `<= checkpoint`; also says whether the checkpoint alone kept one.
+    pub(super) fn retire(
+        &self,
+        upto: Lsn,
+        checkpoint: Lsn,
+    ) -> Result<(Vec<PathBuf>, bool), WalError> {
+        let _one_at_a_time = self.retiring.lock();
         self.flush_rows();
         let list = segment::list_segments(&self.dir)?;
         let current = self.log.lock().seg.header.first_lsn;
         let retain = self.retention_allowed();
         let mut gone = Vec::new();
+        let mut held = false;
         for pair in list.windows(2) {
             let ((first, path), (next_first, _)) = (&pair[0], &pair[1]);
             if *first >= current || next_first - 1 > upto || (retain && self.within_retention(path))
             {
+                break;
+            }
+            if next_first - 1 > checkpoint {
+                held = true;
                 break;
             }
             let len = std::fs::metadata(path).map_or(0, |m| m.len());
@@ -382,7 +394,7 @@ impl Shared {
             gone.push((*first, path.clone()));
         }
         if gone.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), held));
         }
         self.kick_spare();
         segment::fsync_dir(&self.dir)?;
@@ -390,7 +402,7 @@ impl Shared {
         for (first, _) in &gone {
             cat.remove_segment(*first)?;
         }
-        Ok(gone.into_iter().map(|g| g.1).collect())
+        Ok((gone.into_iter().map(|g| g.1).collect(), held))
     }
 
     /// A segment last written less than `retain` ago is kept (point-in-time
