@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 
-use common::workload::{mixed_workload, pattern};
+use common::workload::{map_shared, mixed_workload, pattern};
 use common::*;
 
 fn prepare_root(rig: &Rig) {
@@ -289,15 +289,7 @@ fn mmap_writes_and_o_append_are_logged() {
     fs::write(&p, vec![b'.'; 8192]).unwrap();
     let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
     unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            8192,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        );
-        assert_ne!(addr, libc::MAP_FAILED);
+        let addr = map_shared(&f, 8192);
         std::ptr::copy_nonoverlapping(b"through mmap".as_ptr(), (addr as *mut u8).add(100), 12);
         assert_eq!(libc::msync(addr, 8192, libc::MS_SYNC), 0);
         libc::munmap(addr, 8192);
@@ -354,15 +346,7 @@ fn close_sends_no_flush_and_stores_after_close_still_reach_the_log() {
     fs::write(&p, vec![b'.'; 8192]).unwrap();
     let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
     unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            8192,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        );
-        assert_ne!(addr, libc::MAP_FAILED);
+        let addr = map_shared(&f, 8192);
         drop(f);
         std::ptr::copy_nonoverlapping(b"after close".as_ptr(), (addr as *mut u8).add(4100), 11);
         assert_eq!(libc::munmap(addr, 8192), 0);

@@ -16,7 +16,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use common::workload::{mixed_workload, pattern, set_times};
+use common::workload::{map_shared, mixed_workload, pattern, set_times};
 use common::*;
 
 const WRITEBACK: &str = "[mount]\nwriteback_cache = true\n";
@@ -127,17 +127,7 @@ fn semantics(m: &Path) -> Vec<(&'static str, Vec<u8>)> {
     f.write_all_at(&pattern(8192, 4), 0).unwrap();
     f.set_len(3 * 4096).unwrap();
     let len = 3 * 4096;
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED, "mmap");
+    let p = map_shared(&f, len);
     let map = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) };
     map[10..20].copy_from_slice(b"via mmap!!");
     map[9000..9004].copy_from_slice(b"page");

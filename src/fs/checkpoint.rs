@@ -213,6 +213,16 @@ mod tests {
         }
     }
 
+    /// A 1 MiB write: a few fill a 4 MiB test segment.
+    fn write_mib(path: &str) -> Op<'static> {
+        Op::Write {
+            path: path.as_bytes().to_vec(),
+            offset: 0,
+            data: Cow::Owned(vec![7u8; 1 << 20]),
+            attr: Attr::default(),
+        }
+    }
+
     fn open(dir: &Path) -> Wal {
         let cfg = WalConfig {
             segment_size: 4 << 20,
@@ -291,12 +301,7 @@ mod tests {
         recover(dir.path(), &wal).unwrap();
         // Enough records for several 4 MiB segments, acknowledged and
         // checkpointed, then retired.
-        let big = Op::Write {
-            path: b"big".to_vec(),
-            offset: 0,
-            data: Cow::Owned(vec![7u8; 1 << 20]),
-            attr: Attr::default(),
-        };
+        let big = write_mib("big");
         for _ in 0..12 {
             wal.append(&big).unwrap();
         }
@@ -332,12 +337,7 @@ mod tests {
         let wal = open(dir.path());
         recover(dir.path(), &wal).unwrap();
         let kicks = wal.checkpoint_requests();
-        let big = Op::Write {
-            path: b"big".to_vec(),
-            offset: 0,
-            data: Cow::Owned(vec![7u8; 1 << 20]),
-            attr: Attr::default(),
-        };
+        let big = write_mib("big");
         for _ in 0..6 {
             wal.append(&big).unwrap();
         }

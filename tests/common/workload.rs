@@ -246,3 +246,20 @@ pub fn mixed_workload(m: &Path) {
     // Directory metadata last, so nothing after it changes the directory.
     fs::set_permissions(m.join("a/b2/c"), fs::Permissions::from_mode(0o2750)).unwrap();
 }
+
+/// A shared writable mapping of the first `len` bytes of `f`.
+pub fn map_shared(f: &std::fs::File, len: usize) -> *mut libc::c_void {
+    // SAFETY: a fresh mapping of a descriptor the caller keeps open.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED);
+    addr
+}
