@@ -122,7 +122,8 @@ impl Default for WalConfig {
 pub struct MountConfig {
     /// Number of FUSE worker threads.
     pub threads: usize,
-    /// Kernel attribute/entry cache timeout. Every change passes through the
+    /// Kernel attribute/entry cache timeout, also how long the kernel
+    /// remembers that a name does not exist. Every change passes through the
     /// mount, so long timeouts are safe unless BACKING is changed behind it.
     #[serde(with = "humantime_serde_compat")]
     pub attr_timeout: Duration,

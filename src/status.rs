@@ -83,6 +83,9 @@ pub struct MountStats {
     /// FLUSH requests (one per close(2) of a file unless the open said
     /// FOPEN_NOFLUSH, which replfs does except under the writeback cache).
     pub flush_requests: std::sync::atomic::AtomicU64,
+    /// LOOKUP requests (names the kernel had no valid entry for, negative
+    /// ones included).
+    pub lookup_requests: std::sync::atomic::AtomicU64,
     /// The BACKING checkpoint: every change logged up to this LSN is
     /// durable in BACKING (`crate::fs::checkpoint`).
     pub checkpoint_lsn: std::sync::atomic::AtomicU64,
@@ -103,6 +106,8 @@ pub struct MountView {
     pub flush_requests: u64,
     #[serde(default)]
     pub checkpoint_lsn: u64,
+    #[serde(default)]
+    pub lookup_requests: u64,
 }
 
 impl MountStats {
@@ -117,6 +122,7 @@ impl MountStats {
             cached_opens: self.cached_opens.load(Relaxed),
             flush_requests: self.flush_requests.load(Relaxed),
             checkpoint_lsn: self.checkpoint_lsn.load(Relaxed),
+            lookup_requests: self.lookup_requests.load(Relaxed),
         }
     }
 }

@@ -7,7 +7,7 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 
 use common::workload::{map_shared, mixed_workload, pattern};
 use common::*;
@@ -363,6 +363,84 @@ fn close_sends_no_flush_and_stores_after_close_still_reach_the_log() {
     m.unmount();
     let replayed = rig.replay("replayed", &[]);
     assert_same_tree(&rig.backing, &replayed);
+}
+
+/// A name looked up and not found is remembered by the kernel (a negative
+/// entry for the entry timeout): probing it again costs no LOOKUP, and a
+/// create of that name through the mount, in any of the ways there are,
+/// replaces the entry.
+#[test]
+fn missing_names_are_cached_and_creates_replace_them() {
+    let rig = Rig::new();
+    prepare_root(&rig);
+    let m = rig.mount(None);
+    let lookups = || {
+        status_json(&rig.state)["mount"]["lookup_requests"]
+            .as_u64()
+            .unwrap()
+    };
+    let absent = |p: &std::path::Path| {
+        let e = fs::symlink_metadata(p).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{}", p.display());
+    };
+    let mnt = &rig.mnt;
+    fs::write(mnt.join("src"), b"source").unwrap();
+    let names = ["created", "renamed", "linked", "symlinked", "dir", "node"];
+    for n in names {
+        absent(&mnt.join(n));
+    }
+    let before = lookups();
+    for _ in 0..50 {
+        for n in names {
+            absent(&mnt.join(n));
+        }
+    }
+    assert_eq!(lookups(), before, "300 probes of missing names, no LOOKUP");
+    fs::write(mnt.join("created"), b"new").unwrap();
+    fs::write(mnt.join("tmp"), b"moved").unwrap();
+    fs::rename(mnt.join("tmp"), mnt.join("renamed")).unwrap();
+    fs::hard_link(mnt.join("src"), mnt.join("linked")).unwrap();
+    std::os::unix::fs::symlink("src", mnt.join("symlinked")).unwrap();
+    fs::create_dir(mnt.join("dir")).unwrap();
+    let node = common::workload::c(&mnt.join("node"));
+    assert_eq!(
+        unsafe { libc::mknod(node.as_ptr(), libc::S_IFIFO | 0o644, 0) },
+        0
+    );
+    assert_eq!(fs::read(mnt.join("created")).unwrap(), b"new");
+    assert_eq!(fs::read(mnt.join("renamed")).unwrap(), b"moved");
+    assert_eq!(fs::read(mnt.join("linked")).unwrap(), b"source");
+    assert_eq!(fs::read(mnt.join("symlinked")).unwrap(), b"source");
+    assert!(fs::metadata(mnt.join("dir")).unwrap().is_dir());
+    assert!(
+        fs::symlink_metadata(mnt.join("node"))
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    fs::remove_file(mnt.join("created")).unwrap();
+    absent(&mnt.join("created"));
+    assert_same_tree(mnt, &rig.backing);
+    m.unmount();
+    let replayed = rig.replay("replayed", &[]);
+    assert_same_tree(&rig.backing, &replayed);
+
+    // attr_timeout = 0: nothing is cached, every probe asks the daemon
+    // (the writeback cache refuses a zero timeout).
+    if std::env::var_os("REPLFS_TEST_WRITEBACK_CACHE").is_some_and(|v| v != "0") {
+        return;
+    }
+    let m = rig.mount(Some("[mount]\nattr_timeout = \"0s\"\n"));
+    let before = lookups();
+    for _ in 0..10 {
+        absent(&mnt.join("created"));
+    }
+    assert!(
+        lookups() >= before + 10,
+        "uncached: {} LOOKUPs",
+        lookups() - before
+    );
+    m.unmount();
 }
 
 #[test]

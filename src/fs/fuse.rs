@@ -358,7 +358,23 @@ impl Filesystem for ReplFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.core.lookup(parent.0, name));
+        self.core
+            .stats
+            .lookup_requests
+            .fetch_add(1, Ordering::Relaxed);
+        match self.core.lookup(parent.0, name) {
+            // A negative entry (node id 0) the kernel keeps for the entry
+            // timeout: a name probed again (a search path, a build's
+            // include dirs) costs no round trip. Every change goes through
+            // the mount, and a create through it replaces the negative
+            // entry: the assumption the attribute timeout already makes.
+            Err(Errno(libc::ENOENT)) if !self.ttl.is_zero() => {
+                // SAFETY: an all-zero `stat` is a valid value.
+                let none: libc::stat = unsafe { std::mem::zeroed() };
+                reply.entry(&self.ttl, &file_attr(0, &none), Generation(0))
+            }
+            r => self.entry(reply, r),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
