@@ -61,6 +61,10 @@ pub struct Status {
     pub wire_bytes: u64,
     #[serde(default)]
     pub raw_bytes: u64,
+    /// Every change logged up to this LSN is durable in BACKING (the last
+    /// checkpoint of a mount, `crate::fs::checkpoint`); `null` before any.
+    #[serde(default)]
+    pub backing_checkpoint_lsn: Option<Lsn>,
     /// The FUSE mount's own figures (`null` for `replfs ship` and offline).
     #[serde(default)]
     pub mount: Option<MountView>,
@@ -86,9 +90,6 @@ pub struct MountStats {
     /// LOOKUP requests (names the kernel had no valid entry for, negative
     /// ones included).
     pub lookup_requests: std::sync::atomic::AtomicU64,
-    /// The BACKING checkpoint: every change logged up to this LSN is
-    /// durable in BACKING (`crate::fs::checkpoint`).
-    pub checkpoint_lsn: std::sync::atomic::AtomicU64,
     /// Whether passthrough is in force, and why not ("off: ...").
     pub passthrough: parking_lot::Mutex<String>,
 }
@@ -105,8 +106,6 @@ pub struct MountView {
     #[serde(default)]
     pub flush_requests: u64,
     #[serde(default)]
-    pub checkpoint_lsn: u64,
-    #[serde(default)]
     pub lookup_requests: u64,
 }
 
@@ -121,7 +120,6 @@ impl MountStats {
             passthrough_dio_opens: self.passthrough_dio_opens.load(Relaxed),
             cached_opens: self.cached_opens.load(Relaxed),
             flush_requests: self.flush_requests.load(Relaxed),
-            checkpoint_lsn: self.checkpoint_lsn.load(Relaxed),
             lookup_requests: self.lookup_requests.load(Relaxed),
         }
     }
@@ -261,6 +259,9 @@ pub fn offline(state: &Path) -> Result<Status> {
     fill_backlog(&mut st, &mut BacklogProbe::new(state), &segs)?;
     (st.wal_disk_bytes, st.wal_segments) = wal_disk_use(state);
     st.resync_pending = cat.resync_count()?;
+    st.backing_checkpoint_lsn = cat
+        .get(crate::catalog::KEY_BACKING_CHECKPOINT)?
+        .and_then(|v| v.parse().ok());
     Ok(st)
 }
 
@@ -394,10 +395,9 @@ pub fn render(st: &Status) -> String {
                 m.read_requests
             ),
         ));
-        out.push((
-            "BACKING durable",
-            format!("up to LSN {} (checkpoint)", m.checkpoint_lsn),
-        ));
+    }
+    if let Some(c) = st.backing_checkpoint_lsn {
+        out.push(("BACKING durable", format!("up to LSN {c} (checkpoint)")));
     }
     if !st.daemon {
         out.push((

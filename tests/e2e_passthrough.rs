@@ -181,26 +181,17 @@ fn mount_shipping(p: &Pair, config: Option<&str>) -> Mount {
     Mount::start_shipping(&p.rig, Some(&config), &p.mirror.addr(), &p.key)
 }
 
-/// Waits until the mirror equals BACKING and no repair is pending.
-/// `resync_pending` comes from a status snapshot up to a second old: a
-/// repair the first baseline recorded for a file written while it ran
-/// ("changed meanwhile") shows only in the next one, and would otherwise
-/// run later and carry a store the test means the mapping watch to find.
+/// Waits until the mirror equals BACKING and no repair is pending: no sync
+/// running (a baseline records the files written while it ran for repair
+/// before it shows idle) and none waiting.
 fn converge(p: &Pair) {
-    let deadline = std::time::Instant::now() + CONVERGE;
-    let settled =
-        |st: &serde_json::Value| st["resync_pending"] == 0 && st["acked_lsn"] == st["head_lsn"];
-    loop {
-        wait_converged(&p.rig.backing, &p.mdir, CONVERGE);
-        wait_status(&p.rig.state, CONVERGE, "repairs never finished", settled);
-        std::thread::sleep(Duration::from_millis(1500));
-        if settled(&status_json(&p.rig.state))
-            && replfs::tools::compare_trees(&p.rig.backing, &p.mdir).is_ok_and(|d| d.is_empty())
-        {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "never settled");
-    }
+    wait_converged(&p.rig.backing, &p.mdir, CONVERGE);
+    wait_status(&p.rig.state, CONVERGE, "repairs never finished", |st| {
+        (st["sync"].is_null() || st["sync"]["phase"] == "idle")
+            && st["resync_pending"] == 0
+            && st["acked_lsn"] == st["head_lsn"]
+    });
+    wait_converged(&p.rig.backing, &p.mdir, CONVERGE);
 }
 
 fn verify_identical(state: &Path) {

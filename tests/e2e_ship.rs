@@ -307,7 +307,7 @@ fn a_machine_crash_of_the_source_repairs_the_mirror_to_backing() {
     m.unmount();
     let m = mount();
     let st = status_json(&p.rig.state);
-    let checkpoint = st["mount"]["checkpoint_lsn"].as_u64().unwrap();
+    let checkpoint = st["backing_checkpoint_lsn"].as_u64().unwrap();
     assert_eq!(
         checkpoint,
         st["head_lsn"].as_u64().unwrap(),

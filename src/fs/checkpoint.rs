@@ -24,8 +24,6 @@
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -34,7 +32,6 @@ use crossbeam_channel::{Sender, select};
 use log::{info, warn};
 
 use crate::catalog::{Catalog, KEY_BACKING_BOOT, KEY_BACKING_DOUBT};
-use crate::status::MountStats;
 use crate::wal::reader::WalReader;
 use crate::wal::{Lsn, Wal, WalError};
 
@@ -134,17 +131,9 @@ pub struct Checkpointer {
 
 /// Starts checkpointing BACKING (`root`: a descriptor of its root) every
 /// `interval`, and whenever the WAL asks.
-pub fn spawn(
-    wal: Wal,
-    root: OwnedFd,
-    interval: Duration,
-    stats: Arc<MountStats>,
-) -> Result<Checkpointer> {
+pub fn spawn(wal: Wal, root: OwnedFd, interval: Duration) -> Result<Checkpointer> {
     let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
     let kicks = wal.checkpoint_requests();
-    if let Some(c) = wal.backing_checkpoint() {
-        stats.checkpoint_lsn.store(c, Ordering::Relaxed);
-    }
     let thread = std::thread::Builder::new()
         .name("checkpoint".into())
         .spawn(move || {
@@ -161,7 +150,7 @@ pub fn spawn(
                     }
                     default(interval) => false,
                 };
-                if let Err(e) = checkpoint(&wal, &root, &stats) {
+                if let Err(e) = checkpoint(&wal, &root) {
                     warn!("BACKING checkpoint failed: {e:#}");
                 }
                 if last {
@@ -183,7 +172,7 @@ impl Checkpointer {
 }
 
 /// One checkpoint: the head LSN, then `syncfs`, then the record of it.
-fn checkpoint(wal: &Wal, root: &OwnedFd, stats: &MountStats) -> Result<()> {
+fn checkpoint(wal: &Wal, root: &OwnedFd) -> Result<()> {
     let head = wal.head_lsn();
     if wal.backing_checkpoint() == Some(head) {
         return Ok(());
@@ -193,7 +182,6 @@ fn checkpoint(wal: &Wal, root: &OwnedFd, stats: &MountStats) -> Result<()> {
         return Err(std::io::Error::last_os_error()).context("syncfs of BACKING");
     }
     wal.set_backing_checkpoint(head)?;
-    stats.checkpoint_lsn.store(head, Ordering::Relaxed);
     Ok(())
 }
 

@@ -169,11 +169,7 @@ impl ReplFs {
             (Mode::Passthrough, Some(b)) => {
                 reply.opened_passthrough(fh, FopenFlags::FOPEN_NOFLUSH, b)
             }
-            (Mode::PassthroughDio, Some(b)) => reply.opened_passthrough(
-                fh,
-                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH,
-                b,
-            ),
+            (Mode::PassthroughDio, Some(b)) => reply.opened_passthrough(fh, DIO_OPEN, b),
             _ => reply.opened(fh, self.file_open),
         }
     }
@@ -185,6 +181,11 @@ impl ReplFs {
         }
     }
 }
+
+/// The open flags of a writable passthrough open while read-only
+/// passthrough opens of the file exist: its reads and writes reach the
+/// daemon uncached, and close(2) sends no FLUSH (see `ReplFs::new`).
+const DIO_OPEN: FopenFlags = FopenFlags::FOPEN_DIRECT_IO.union(FopenFlags::FOPEN_NOFLUSH);
 
 fn ferr(e: Errno) -> FErrno {
     FErrno::from_i32(e.0)
@@ -751,7 +752,7 @@ impl Filesystem for ReplFs {
                         &attr,
                         Generation(0),
                         FileHandle(fh),
-                        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH,
+                        DIO_OPEN,
                         b,
                     ),
                     _ => reply.created(

@@ -154,7 +154,6 @@ pub fn serve(args: MountArgs, on_mounted: impl FnOnce()) -> Result<()> {
         ship_wal.clone(),
         root.into(),
         args.config.mount.checkpoint_interval,
-        core.stats.clone(),
     )?;
     on_mounted();
     let r = session.run();

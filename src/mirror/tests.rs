@@ -235,6 +235,11 @@ fn the_position_file_wins_when_ahead_of_the_catalog() {
     assert_eq!(r.db.lock().in_doubt("v").unwrap(), 0);
 }
 
+/// The volume's applied LSN and the bound of the records in doubt.
+fn applied_and_doubt(r: &Rig) -> (Lsn, Lsn) {
+    (r.vol.applied(), r.db.lock().in_doubt("v").unwrap())
+}
+
 /// The position file as a run before the machine restarted left it.
 fn position_from_another_boot(r: &Rig, applied: Lsn, exchange: Lsn) {
     let (pf, _) = PositionFile::open(&r.state, "v").unwrap();
@@ -333,16 +338,10 @@ fn the_doubt_outlives_restarts_until_a_persist_passes_it() {
     // A restart of the process now (same boot) and one after another
     // machine crash both keep the bound.
     r.reopen();
-    assert_eq!(
-        (r.vol.applied(), r.db.lock().in_doubt("v").unwrap()),
-        (3, 7)
-    );
+    assert_eq!(applied_and_doubt(&r), (3, 7));
     position_from_another_boot(&r, 4, 0);
     r.reopen();
-    assert_eq!(
-        (r.vol.applied(), r.db.lock().in_doubt("v").unwrap()),
-        (3, 7)
-    );
+    assert_eq!(applied_and_doubt(&r), (3, 7));
     let b = batch(
         4,
         vec![
@@ -359,10 +358,7 @@ fn the_doubt_outlives_restarts_until_a_persist_passes_it() {
     // nothing in doubt.
     position_from_another_boot(&r, 7, 0);
     r.reopen();
-    assert_eq!(
-        (r.vol.applied(), r.db.lock().in_doubt("v").unwrap()),
-        (7, 0)
-    );
+    assert_eq!(applied_and_doubt(&r), (7, 0));
 }
 
 #[test]

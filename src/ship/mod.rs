@@ -472,6 +472,7 @@ impl Ctx {
         if let Some(id) = clear {
             cat.clear_resync(id)?;
         }
+        self.stats.sync.phase.store(0, Ordering::Relaxed);
         info!(
             "volume {}: sync done in {:.1} s: {} entries examined, {} created, {} removed, \
              {} metadata-only, {} files by delta ({} blocks), {} of data, {} on the wire; \

@@ -45,14 +45,18 @@ struct Shared {
     m: Monitored,
     snapshot: Mutex<Status>,
     stop: AtomicBool,
+    /// The control handler's own connection: `fresh` counts the pending
+    /// repairs at each request (the monitor thread keeps the other one).
+    catalog: Mutex<Catalog>,
 }
 
 impl Monitor {
     pub fn start(m: Monitored) -> Result<Monitor> {
         let shared = Arc::new(Shared {
-            m,
             snapshot: Mutex::new(Status::default()),
             stop: AtomicBool::new(false),
+            catalog: Mutex::new(Catalog::open(&m.state)?),
+            m,
         });
         let catalog = Catalog::open(&shared.m.state)?;
         let s2 = shared.clone();
@@ -249,13 +253,14 @@ impl Shared {
         (st.wal_disk_bytes, st.wal_segments) = status::wal_disk_use(&m.state);
         st.rpo_exceeded = m.rpo.is_some_and(|r| st.lag_seconds > r.as_secs_f64());
         st.resync_pending = catalog.resync_count()?;
+        st.backing_checkpoint_lsn = m.wal.backing_checkpoint();
         st.mount = m.mount.as_ref().map(|s| s.view());
         Ok(st)
     }
 
     /// The last snapshot with the cheap figures brought up to this instant
-    /// (positions, link, throttle); lag bytes/seconds and rates are at most
-    /// a second old.
+    /// (positions, link, throttle, pending repairs, the BACKING checkpoint);
+    /// lag bytes/seconds and rates are at most a second old.
     fn fresh(&self) -> Status {
         let mut st = self.snapshot.lock().clone();
         // Also before the first snapshot (the first second after a start):
@@ -278,6 +283,13 @@ impl Shared {
         if st.lag_records == 0 {
             (st.lag_bytes, st.lag_seconds, st.rpo_exceeded) = (0, 0.0, false);
         }
+        // "Up to date" is lag 0 *and* nothing pending: a repair recorded
+        // since the last snapshot must show at once.
+        match self.catalog.lock().resync_count() {
+            Ok(n) => st.resync_pending = n,
+            Err(e) => warn!("volume {}: counting pending repairs: {e}", self.m.volume),
+        }
+        st.backing_checkpoint_lsn = self.m.wal.backing_checkpoint();
         self.fill_throttle(&mut st);
         st.mount = self.m.mount.as_ref().map(|s| s.view());
         st

@@ -109,7 +109,9 @@ pub fn sync(
         Msg::Error { msg } => bail!("the mirror refused the sync: {msg}"),
         other => bail!("expected SyncDone from the mirror, got {}", other.name()),
     }
-    p.phase.store(0, Ordering::Relaxed);
+    // The phase goes back to idle with the caller, once it has recorded the
+    // paths that changed meanwhile (status must not show an idle sync with
+    // those repairs not yet pending).
     Ok((m.report, horizon))
 }
 

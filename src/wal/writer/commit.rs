@@ -361,11 +361,10 @@ impl Shared {
         }
     }
 
-    /// Deletes closed segments whose last record is `<= upto` (kept for
-    /// `wal.retain` unless the WAL is full); wakes the spare thread when
-    /// space was freed.
-    /// Retires the closed segments whose records are all `<= upto` and
-    /// `<= checkpoint`; also says whether the checkpoint alone kept one.
+    /// Deletes closed segments whose last record is `<= upto` and
+    /// `<= checkpoint` (kept for `wal.retain` unless the WAL is full); wakes
+    /// the spare thread when space was freed. Also says whether the
+    /// checkpoint alone kept one.
     pub(super) fn retire(
         &self,
         upto: Lsn,
